@@ -1,0 +1,5 @@
+"""Allow `python -m maildesk`."""
+
+from maildesk.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,316 @@
+"""Configuration: read `config.toml` with tomllib and validate it into typed settings.
+
+Every problem is reported as one `ConfigError` whose message names the file, the section and the
+key, for example `config.toml: [imap] port: expected an integer, got "abc"`, so that an operator
+can fix it without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = "config.toml"
+CONFIG_ENV_VAR = "MAILDESK_CONFIG"
+
+# Secrets may also come from the environment, so that systemd credentials or a container
+# orchestrator can hand them over without writing them into the config file.
+SECRET_ENV_VARS = {
+    ("imap", "password"): "MAILDESK_IMAP_PASSWORD",
+    ("smtp", "password"): "MAILDESK_SMTP_PASSWORD",
+    ("security", "reply_key"): "MAILDESK_REPLY_KEY",
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message fit to show the operator as it is."""
+
+
+class _Section(BaseModel):
+    # Strict mode: TOML already has typed values, so "143" for a port is a mistake to report,
+    # not a string to coerce. Unknown keys are typos to report, not to ignore.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+TlsMode = Literal["ssl", "starttls", "none"]
+# Paths are strings in TOML; strict mode would refuse to turn them into Path objects.
+FilePath = Annotated[Path, Field(strict=False)]
+
+
+class DeskSettings(_Section):
+    """[desk]: who the desk is."""
+
+    name: str = "Support"
+    address: str = "support@maildesk.localhost"
+    locale: Literal["fr", "en"] = "fr"
+    state_dir: FilePath = Path("/var/lib/maildesk")
+
+    @field_validator("address")
+    @classmethod
+    def _address_has_domain(cls, value: str) -> str:
+        local, _, domain = value.rpartition("@")
+        if not local or not domain or " " in value:
+            raise ValueError(f'expected an email address, got "{value}"')
+        return value.lower()
+
+    @property
+    def domain(self) -> str:
+        """The domain of the support address, used for Message-IDs and reply addresses."""
+        return self.address.rpartition("@")[2]
+
+
+class StoreSettings(_Section):
+    """[store]: where the data live."""
+
+    url: str | None = None
+
+
+class ImapSettings(_Section):
+    """[imap]: the mailbox that maildesk reads."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: Port = 993
+    tls: TlsMode = "ssl"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: FilePath | None = None
+    folder: str = "INBOX"
+    processed_folder: str = "maildesk/processed"
+    quarantine_folder: str = "maildesk/quarantine"
+    poll_seconds: Annotated[int, Field(ge=1)] = 60
+    idle: bool = True
+
+
+class ListenerSettings(_Section):
+    """[listener]: the built-in SMTP or LMTP listener."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 2525
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+
+
+class SmtpSettings(_Section):
+    """[smtp]: how outgoing mail leaves."""
+
+    transport: Literal["smtp", "maildir"] = "maildir"
+    host: str = "localhost"
+    port: Port = 25
+    tls: TlsMode = "none"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: FilePath | None = None
+    maildir: FilePath | None = None
+
+
+class PrivacySettings(_Section):
+    """[privacy]: the values quoted in every privacy-notice footer."""
+
+    controller: str = "Neocase Software"
+    controller_address: str = "91 boulevard National, 92250 La Garenne-Colombes, France"
+    dpo_email: str = "dpo@neocasesoftware.com"
+    notice_url: str = ""
+    retention_years: Annotated[int, Field(ge=1, le=100)] = 5
+    authority: str = "CNIL"
+    authority_url: str = "https://www.cnil.fr/fr/plaintes"
+    us_entity: str = "Neocase Software Inc., near Boston, United States"
+
+
+class SecuritySettings(_Section):
+    """[security]: keys and trust anchors."""
+
+    reply_key: SecretStr | None = None
+    reply_key_file: FilePath | None = None
+    trusted_authserv_id: str | None = None
+
+
+class LogSettings(_Section):
+    """[log]: how much to say."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(_Section):
+    """All of maildesk's settings."""
+
+    desk: DeskSettings = DeskSettings()
+    store: StoreSettings = StoreSettings()
+    imap: ImapSettings = ImapSettings()
+    listener: ListenerSettings = ListenerSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    security: SecuritySettings = SecuritySettings()
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _imap_needs_credentials(self) -> Settings:
+        if self.imap.enabled and not self.imap.username:
+            raise _KeyProblem(("imap", "username"), "missing required value (imap is enabled)")
+        if self.imap.enabled and self.imap.password is None:
+            raise _KeyProblem(
+                ("imap", "password"),
+                "missing required value (imap is enabled): set password, password_file "
+                "or MAILDESK_IMAP_PASSWORD",
+            )
+        return self
+
+    @property
+    def store_url(self) -> str:
+        """The database URL: [store] url, else a SQLite file under the state directory."""
+        return self.store.url or f"sqlite:///{self.desk.state_dir / 'maildesk.sqlite3'}"
+
+    @property
+    def outgoing_maildir(self) -> Path:
+        """The maildir that the maildir transport writes to."""
+        return self.smtp.maildir or self.desk.state_dir / "outgoing"
+
+
+class _KeyProblem(ValueError):
+    """Raised inside validation to blame one key precisely."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "float_type": "a number",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "list_type": "a list",
+    "path_type": "a path (a string)",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) == 1:
+        return f"[{parts[0]}]" if parts[0] in Settings.model_fields else parts[0]
+    return f"[{parts[0]}] {'.'.join(parts[1:])}"
+
+
+def _explain(error: Any) -> str:
+    """Turn one pydantic error into `[section] key: what is wrong`."""
+    kind = error["type"]
+    loc = tuple(error["loc"])
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return f"[{loc[0]}]: unknown section" if len(loc) == 1 else f"{_where(loc)}: unknown key"
+    if kind == "missing":
+        return f"{_where(loc)}: missing required value"
+    if kind in _TYPE_WORDS:
+        return f"{_where(loc)}: expected {_TYPE_WORDS[kind]}, got {_describe(value)}"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{_where(loc)}: expected one of {expected}, got {_describe(value)}"
+    if kind in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
+        return f"{_where(loc)}: {_describe(value)} is out of range ({error['msg'].lower()})"
+    if kind == "value_error":
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _KeyProblem):
+            return f"{_where(cause.loc)}: {cause.message}"
+        return f"{_where(loc)}: {cause}"
+    return f"{_where(loc)}: {error['msg']}"
+
+
+def _read_secret_file(path: Path, where: str, base: Path) -> str:
+    full = path if path.is_absolute() else base / path
+    try:
+        return full.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {full}: {exc.strerror}") from exc
+
+
+def _resolve_secrets(data: dict[str, Any], source: str, base: Path) -> None:
+    """Fill each secret from its `*_file` or environment variable, in place."""
+    for (section, key), env_var in SECRET_ENV_VARS.items():
+        table = data.get(section)
+        if table is not None and not isinstance(table, dict):
+            continue  # Reported by validation as "expected a table".
+        table = table if table is not None else {}
+        file_key = f"{key}_file"
+        if key in table and file_key in table:
+            raise ConfigError(f"{source}: [{section}] {key}: set {key} or {file_key}, not both")
+        if file_key in table and isinstance(table[file_key], str):
+            table[key] = _read_secret_file(
+                Path(table[file_key]), f"{source}: [{section}] {file_key}", base
+            )
+        elif key not in table and os.environ.get(env_var):
+            table[key] = os.environ[env_var]
+        if table:
+            data[section] = table
+
+
+def parse_settings(data: dict[str, Any], source: str, base: Path) -> Settings:
+    """Validate a decoded TOML document; `source` names it in messages."""
+    _resolve_secrets(data, source, base)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConfigError(f"{source}: {_explain(first)}") from None
+    except _KeyProblem as exc:
+        raise ConfigError(f"{source}: {_where(exc.loc)}: {exc.message}") from None
+    # Relative paths are taken from the config file's directory, as systemd units and
+    # operators expect, rather than from wherever the daemon happened to be started.
+    desk = settings.desk
+    if not desk.state_dir.is_absolute():
+        desk = desk.model_copy(update={"state_dir": (base / desk.state_dir).resolve()})
+        settings = settings.model_copy(update={"desk": desk})
+    return settings
+
+
+def config_path(explicit: str | None) -> Path:
+    """The config file to read: --config, else $MAILDESK_CONFIG, else ./config.toml."""
+    return Path(explicit or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the config file at `path`."""
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: no such file (give --config PATH or set {CONFIG_ENV_VAR}; "
+            "the repository's config.toml is a documented sample)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return parse_settings(data, source, path.parent.resolve())

@@ -1,0 +1,1 @@
+"""Real-server test rig: throwaway Dovecot, SMTP and PostgreSQL servers."""
