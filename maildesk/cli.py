@@ -1,4 +1,4 @@
-"""The `maildesk` command: the daemon, the schema, and the directory for the people who run the desk.
+"""The `maildesk` command: the daemon, the schema, and the directory of the desk's people.
 
 Exit codes: 0 success, 1 a refused or failed operation, 2 a usage or configuration error.
 """
@@ -53,6 +53,13 @@ def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _show(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        _print_json(rows)
+    else:
+        _print_table(rows, columns)
 
 
 def _parse_when(text: str) -> datetime:
@@ -152,7 +159,7 @@ def cmd_companies_list(args: argparse.Namespace, settings: Settings) -> int:
 
     def work(session: Session) -> int:
         rows = [_company_view(c) for c in directory.list_companies(session)]
-        _print_json(rows) if args.json else _print_table(rows, ["name", "after_hours", "active"])
+        _show(rows, ["name", "after_hours", "active"], args.json)
         return 0
 
     return _in_transaction(settings, work)
@@ -249,10 +256,7 @@ def cmd_accounts_list(args: argparse.Namespace, settings: Settings) -> int:
 
     def work(session: Session) -> int:
         rows = [_account_view(a, c) for a, c in directory.list_accounts(session, args.company)]
-        if args.json:
-            _print_json(rows)
-        else:
-            _print_table(rows, ["email", "name", "company", "locale", "active"])
+        _show(rows, ["email", "name", "company", "locale", "active"], args.json)
         return 0
 
     return _in_transaction(settings, work)
@@ -299,7 +303,7 @@ def cmd_agents_list(args: argparse.Namespace, settings: Settings) -> int:
             {"email": a.email, "name": a.name, "region": a.region, "active": a.active}
             for a in directory.list_agents(session)
         ]
-        _print_json(rows) if args.json else _print_table(rows, ["email", "name", "region", "active"])
+        _show(rows, ["email", "name", "region", "active"], args.json)
         return 0
 
     return _in_transaction(settings, work)
@@ -326,6 +330,22 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return run_daemon(settings)
 
 
+def cmd_quickstart(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the daemon on its embedded defaults with demo data."""
+    from maildesk.daemon import run_daemon
+    from maildesk.quickstart import instructions, seed_demo
+
+    seed_demo(settings)
+    print(instructions(settings), flush=True)
+    return run_daemon(settings)
+
+
+def _quickstart_settings(args: argparse.Namespace) -> Settings:
+    from maildesk.quickstart import quickstart_settings
+
+    return quickstart_settings(Path(args.state_dir), args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from maildesk.cli_parser import build
@@ -333,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     return build(
         {
             "run": cmd_run,
+            "quickstart": cmd_quickstart,
             "db upgrade": cmd_db_upgrade,
             "db status": cmd_db_status,
             "companies add": cmd_companies_add,
@@ -349,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
             "agents deactivate": cmd_agents_deactivate,
         },
         parse_when=_parse_when,
+        quickstart_settings=_quickstart_settings,
     )
 
 

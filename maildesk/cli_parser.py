@@ -17,7 +17,10 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build(
-    handlers: Mapping[str, Handler], *, parse_when: Callable[[str], datetime]
+    handlers: Mapping[str, Handler],
+    *,
+    parse_when: Callable[[str], datetime],
+    quickstart_settings: Callable[[argparse.Namespace], Any],
 ) -> argparse.ArgumentParser:
     """Build the parser; `handlers` maps "group command" names to their functions."""
     parser = argparse.ArgumentParser(
@@ -47,6 +50,14 @@ def build(
         return sub
 
     command("run", "run the daemon until SIGTERM or SIGINT")
+    sub = command(
+        "quickstart",
+        "try maildesk: run on the embedded defaults (SQLite, SMTP listener on loopback, "
+        "outgoing mail to a maildir) with a demo company, customer and agent; no config file",
+    )
+    sub.add_argument("--state-dir", default="maildesk-demo", help="default: ./maildesk-demo")
+    sub.add_argument("--port", type=int, default=2525, help="the SMTP listener's port")
+    sub.set_defaults(embedded_settings=quickstart_settings)
 
     command("db upgrade", "create the database schema, or upgrade it to this version")
     command("db status", "show whether the database schema is up to date")

@@ -231,7 +231,7 @@ def _explain(error: Any) -> str:
     if kind in _TYPE_WORDS:
         return f"{_where(loc)}: expected {_TYPE_WORDS[kind]}, got {_describe(value)}"
     if kind == "literal_error":
-        expected = error.get("ctx", {}).get("expected", "")
+        expected = str(error.get("ctx", {}).get("expected", "")).replace("'", '"')
         return f"{_where(loc)}: expected one of {expected}, got {_describe(value)}"
     if kind in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
         return f"{_where(loc)}: {_describe(value)} is out of range ({error['msg'].lower()})"

@@ -12,8 +12,8 @@ import io
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from email.headerregistry import Address
 from email.errors import HeaderParseError
+from email.headerregistry import Address
 from typing import Any
 
 from sqlmodel import Session, col, func, select

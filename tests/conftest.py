@@ -1,1 +1,1 @@
-pytest_plugins = ["rig.fixtures"]
+pytest_plugins = ["rig.fixtures", "support_fixtures"]

@@ -1,0 +1,541 @@
+"""Parse stage: turn raw RFC 5322 bytes into a decoded, typed ParsedMail."""
+
+from __future__ import annotations
+
+import email.errors
+import email.header
+import email.policy
+import email.utils
+import mimetypes
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.parser import BytesParser
+from html.parser import HTMLParser
+from urllib.parse import unquote
+
+import nh3
+
+REPLY_ABOVE_MARKER: str = "##- Répondez au-dessus de cette ligne / Reply above this line -##"
+
+
+class MalformedMail(Exception):
+    """A mail that cannot be parsed; .reason is a short human-readable reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ParsedAttachment:
+    """A non-body MIME part: a real attachment or an inline image."""
+
+    filename: str
+    content_type: str
+    data: bytes
+    inline: bool
+    content_id: str | None
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    """A decoded mail, ready for the classify and store stages."""
+
+    message: EmailMessage
+    message_id: str | None
+    in_reply_to: list[str]
+    references: list[str]
+    subject: str
+    from_name: str
+    from_address: str
+    to: list[str]
+    cc: list[str]
+    delivered_to: list[str]
+    date: datetime | None
+    text: str
+    html: str | None
+    attachments: list[ParsedAttachment]
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATES = re.compile(r"[\udc80-\udcff]")
+_MSGID = re.compile(r"<[^<>]+>")
+_MIME_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+_CID_REF = re.compile(r"cid:([^\"'\s)>]+)", re.I)
+# A MimeTypes() built without file names uses Python's own table, so that guessed extensions
+# do not depend on the host's /etc/mime.types.
+_MIME_TYPES = mimetypes.MimeTypes()
+_MAX_FILENAME = 200
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    """Decode with the declared charset, else UTF-8, else Windows-1252 with replacement."""
+    for candidate in (charset, "utf-8"):
+        if not candidate:
+            continue
+        # Like browsers, read Latin-1 as its Windows-1252 superset: mailers label € and curly
+        # quotes that way.
+        if candidate.lower().replace("_", "-") in ("iso-8859-1", "latin1", "latin-1"):
+            candidate = "windows-1252"
+        try:
+            return data.decode(candidate)
+        except (LookupError, ValueError):
+            continue
+    return data.decode("windows-1252", errors="replace")
+
+
+def _fix_8bit(value: str) -> str:
+    """Re-decode raw 8-bit bytes that the email package kept as surrogate escapes."""
+    if _SURROGATES.search(value):
+        return _decode_bytes(value.encode("utf-8", "surrogateescape"), None)
+    return value
+
+
+def _decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words leniently, whatever their declared charset."""
+    try:
+        parts = email.header.decode_header(value)
+    except (email.errors.HeaderParseError, ValueError):
+        return value
+    # Once any encoded word is present, decode_header returns the plain chunks as
+    # raw-unicode-escape bytes.
+    return "".join(
+        part if isinstance(part, str) else _decode_bytes(part, charset or "raw-unicode-escape")
+        for part, charset in parts
+    )
+
+
+def _raw_headers(msg: EmailMessage, name: str) -> list[str]:
+    """Return every value of a header: unfolded, 8-bit text decoded, control characters removed."""
+    values = []
+    for key, value in msg.raw_items():
+        if key.lower() == name.lower():
+            values.append(_CONTROL_CHARS.sub("", _fix_8bit("".join(str(value).splitlines()))))
+    return values
+
+
+def _first_header(msg: EmailMessage, name: str) -> str:
+    """Return the first raw value of a header, or ""."""
+    values = _raw_headers(msg, name)
+    return values[0] if values else ""
+
+
+def _addresses(msg: EmailMessage, *names: str) -> list[tuple[str, str]]:
+    """Return (display name, addr-spec with lowercased domain) pairs from address headers."""
+    found: dict[str, str] = {}
+    values = [value for name in names for value in _raw_headers(msg, name)]
+    # Names are decoded after splitting, so that an encoded comma cannot split an address in two.
+    for name, addr in email.utils.getaddresses(values):
+        local, at, domain = addr.strip().rpartition("@")
+        if at and local and domain and not re.search(r"\s", addr.strip()):
+            found.setdefault(f"{local}@{domain.lower()}", " ".join(_decode_words(name).split()))
+    return [(name, addr) for addr, name in found.items()]
+
+
+def _message_ids(value: str) -> list[str]:
+    """Extract <message-id> tokens in order, without duplicates or folding whitespace."""
+    return list(dict.fromkeys("".join(token.split()) for token in _MSGID.findall(value)))
+
+
+def _date(value: str) -> datetime | None:
+    """Parse a Date header into an aware datetime; dates without a zone are taken as UTC."""
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _leaves(part: EmailMessage, parent: str = "") -> Iterator[tuple[str, EmailMessage]]:
+    """Yield (parent multipart subtype, leaf part), treating attached messages as leaves."""
+    payload = part.get_payload()
+    if part.get_content_maintype() == "multipart" and isinstance(payload, list):
+        for sub in payload:
+            if isinstance(sub, EmailMessage):
+                yield from _leaves(sub, part.get_content_subtype())
+    else:
+        yield parent, part
+
+
+def _is_body(part: EmailMessage, content_type: str) -> bool:
+    """Tell whether a part can be the mail body: the right type, unnamed and not an attachment."""
+    # A multipart leaf lost its boundary: its raw text beats an empty ticket.
+    broken = content_type == "text/plain" and part.get_content_maintype() == "multipart"
+    return (
+        (part.get_content_type() == content_type or broken)
+        and not part.is_attachment()
+        and part.get_filename() is None
+    )
+
+
+def _part_text(part: EmailMessage) -> str:
+    """Decode a text part's transfer encoding and charset, with "\\n" line endings."""
+    data = part.get_payload(decode=True)
+    text = _decode_bytes(data, part.get_content_charset()) if isinstance(data, bytes) else ""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _unflow(text: str, delsp: bool) -> str:
+    """Join RFC 3676 format=flowed soft line breaks back into paragraphs."""
+    out: list[str] = []
+    pending: str | None = None
+    pending_depth = 0
+    for line in text.split("\n"):
+        content = line.lstrip(">")
+        depth = len(line) - len(content)
+        content = content[1:] if content.startswith(" ") else content  # Undo space-stuffing.
+        flowed = content.endswith(" ") and content != "-- "
+        if flowed and delsp:
+            content = content[:-1]
+        if pending is not None and depth == pending_depth:
+            content = pending + content
+        elif pending is not None:
+            # A change of quote depth ends a flowed paragraph (RFC 3676 section 4.5).
+            out.append(_quoted(pending_depth, pending))
+        pending, pending_depth = (content, depth) if flowed else (None, 0)
+        if not flowed:
+            out.append(_quoted(depth, content))
+    if pending is not None:
+        out.append(_quoted(pending_depth, pending))
+    return "\n".join(out)
+
+
+def _quoted(depth: int, text: str) -> str:
+    """Render a line at a quote depth in the usual "> " style."""
+    return (">" * depth + (" " + text if text else "")) if depth else text
+
+
+def _tidy(text: str) -> str:
+    """Strip trailing whitespace on every line and blank lines at both ends."""
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+
+def _body_text(part: EmailMessage) -> str:
+    """Return the readable text of a text/plain part, unwrapping format=flowed."""
+    text = _part_text(part)
+    if str(part.get_param("format", "")).lower() == "flowed":
+        text = _unflow(text, str(part.get_param("delsp", "")).lower() == "yes")
+    return _tidy(text)
+
+
+def _attachment(part: EmailMessage, cids: set[str]) -> ParsedAttachment:
+    """Build a ParsedAttachment from a non-body leaf part."""
+    content_type = part.get_content_type()
+    if not _MIME_TYPE.fullmatch(content_type):
+        content_type = "application/octet-stream"
+    name = part.get_filename()
+    if name is not None:
+        name = _fix_8bit(name)
+        # Outlook puts RFC 2047 encoded words inside quoted parameters, against RFC 2231.
+        name = _decode_words(name) if "=?" in name else name
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        # message/* parts carry parsed messages: write them back as .eml data with CRLF endings,
+        # leaving the headers as they came so that signatures inside them still verify.
+        inner = [m for m in payload if isinstance(m, EmailMessage)]
+        as_sent = email.policy.default.clone(linesep="\r\n", refold_source="none")
+        data = b"".join(m.as_bytes(policy=as_sent) for m in inner)
+        if name is None and content_type == "message/rfc822" and inner:
+            subject = " ".join(_decode_words(_first_header(inner[0], "Subject")).split())
+            name = (subject or "message") + ".eml"
+    else:
+        decoded = part.get_payload(decode=True)
+        data = decoded if isinstance(decoded, bytes) else b""
+    content_id = "".join(_first_header(part, "Content-ID").split()).strip("<>") or None
+    referenced = content_id is not None and content_id.lower() in cids
+    disposition = part.get_content_disposition()
+    inline_image = disposition == "inline" and part.get_content_maintype() == "image"
+    return ParsedAttachment(
+        filename=sanitise_filename(name, content_type),
+        content_type=content_type,
+        data=data,
+        inline=referenced or inline_image,
+        content_id=content_id,
+    )
+
+
+def parse_mail(raw: bytes) -> ParsedMail:
+    """Parse raw RFC 5322 bytes into a ParsedMail; raise MalformedMail if the mail is unusable."""
+    if not raw or not raw.strip():
+        raise MalformedMail("empty input")
+    try:
+        return _parse(raw)
+    except MalformedMail:
+        raise
+    except Exception as exc:  # The email package has no common base class for its failures.
+        raise MalformedMail(f"cannot parse mail ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse(raw: bytes) -> ParsedMail:
+    """Do the work of parse_mail, letting any exception escape."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(raw)
+    if not isinstance(msg, EmailMessage) or not msg.keys():
+        raise MalformedMail("no headers: not an email")
+    senders = _addresses(msg, "From")
+    if not senders:
+        has_from = bool(_raw_headers(msg, "From"))
+        raise MalformedMail("From header has no usable address" if has_from else "no From header")
+    leaves = list(_leaves(msg))
+    plains = [(parent, part) for parent, part in leaves if _is_body(part, "text/plain")]
+    body_parts = [part for _, part in plains[:1]]
+    if plains and plains[0][0] == "mixed":
+        # Apple Mail splits a plain body around inline attachments into sibling text/plain parts.
+        body_parts = [part for parent, part in plains if parent == "mixed"]
+    html_part = next((part for _, part in leaves if _is_body(part, "text/html")), None)
+    text = "\n\n".join(filter(None, (_body_text(part) for part in body_parts)))
+    html_source = _part_text(html_part) if html_part is not None else None
+    if not text and html_source:
+        text = html_to_text(html_source)
+    cids = {unquote(ref).lower() for ref in _CID_REF.findall(html_source or "")}
+    body_ids = {id(part) for part in (html_part, *(part for _, part in plains))}
+    attachments = [
+        _attachment(part, cids)
+        for _, part in leaves
+        if id(part) not in body_ids
+        # Unnamed inline text parts left over are other renderings of the body, not attachments.
+        and (part.is_attachment() or part.get_filename() is not None
+             or part.get_content_type() not in ("text/plain", "text/html"))
+    ]
+    message_ids = _message_ids(_first_header(msg, "Message-ID"))
+    return ParsedMail(
+        message=msg,
+        message_id=message_ids[0] if message_ids else None,
+        in_reply_to=_message_ids(" ".join(_raw_headers(msg, "In-Reply-To"))),
+        references=_message_ids(" ".join(_raw_headers(msg, "References"))),
+        subject=" ".join(_decode_words(_first_header(msg, "Subject")).split()),
+        from_name=senders[0][0],
+        from_address=senders[0][1],
+        to=[addr for _, addr in _addresses(msg, "To")],
+        cc=[addr for _, addr in _addresses(msg, "Cc")],
+        delivered_to=[
+            addr for _, addr in _addresses(msg, "Delivered-To", "X-Original-To", "Envelope-To")
+        ],
+        date=_date(_first_header(msg, "Date")),
+        text=text,
+        html=sanitise_html(html_source) if html_source is not None else None,
+        attachments=attachments,
+    )
+
+
+_PARAGRAPH_TAGS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6"})
+_BLOCK_TAGS = frozenset(
+    "address article aside blockquote center dd div dl dt figcaption figure footer form header hr"
+    " li main nav ol pre section table tr ul".split()
+)
+_SKIPPED_TAGS = frozenset({"head", "script", "style", "template", "title"})
+
+
+class _TextExtractor(HTMLParser):
+    """Collect the readable text of an HTML document, with blockquotes rendered as "> " lines."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.chunks: list[str] = []
+        # Newlines ending the output, so that nested blocks do not stack blank lines.
+        self._newlines = 0
+        self._skip = 0
+        self._pre = 0
+        self._quote = 0
+        self._lists: list[int] = []  # Next item number for <ol>, -1 for <ul>.
+        self._link: tuple[str, list[str]] | None = None  # The open link's href and text.
+
+    def _break(self, count: int) -> None:
+        """End the current line so that count newlines end the output."""
+        if self.chunks and self._newlines < count:
+            self.chunks.append("\n" * (count - self._newlines))
+            self._newlines = count
+
+    def _write(self, text: str, raw: bool = False) -> None:
+        """Append text, dropping whitespace at line starts and prefixing quoted lines."""
+        if not self.chunks or self._newlines:
+            text = text if raw else text.lstrip()
+            if text and self._quote:
+                # Capped, so that thousands of nested quotes cannot blow up the output.
+                self.chunks.append(">" * min(self._quote, 10) + " ")
+        elif not raw and text.startswith(" ") and self.chunks[-1].endswith(" "):
+            text = text[1:]
+        if text:
+            self.chunks.append(text)
+            stripped = text.rstrip("\n")
+            self._newlines = len(text) - len(stripped) + (self._newlines if not stripped else 0)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body":
+            self._skip = 0  # A <head> left open must not swallow the body.
+        if tag in _SKIPPED_TAGS:
+            self._skip += 1
+        if self._skip:
+            return
+        if tag == "br":
+            self.chunks.append("\n")
+            self._newlines += 1
+        elif tag in ("td", "th") and not self._newlines:
+            self._write(" ")
+        self._break(2 if tag in _PARAGRAPH_TAGS else 1 if tag in _BLOCK_TAGS else 0)
+        if tag == "blockquote":
+            self._quote += 1
+        elif tag == "pre":
+            self._pre += 1
+        elif tag in ("ul", "ol"):
+            self._lists.append(1 if tag == "ol" else -1)
+        elif tag == "li":
+            number = self._lists[-1] if self._lists else -1
+            self._write(f"{number}. " if number > 0 else "- ")
+            if number > 0:
+                self._lists[-1] += 1
+        elif tag == "a":
+            self.handle_endtag("a")  # Links do not nest: a new one closes the last, as in browsers.
+            self._link = (dict(attrs).get("href") or "", [])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIPPED_TAGS:
+            self._skip = max(0, self._skip - 1)
+            return
+        if self._skip:
+            return
+        self._break(2 if tag in _PARAGRAPH_TAGS else 1 if tag in _BLOCK_TAGS else 0)
+        if tag == "blockquote":
+            self._quote = max(0, self._quote - 1)
+        elif tag == "pre":
+            self._pre = max(0, self._pre - 1)
+        elif tag in ("ul", "ol") and self._lists:
+            self._lists.pop()
+        elif tag == "a" and self._link:
+            (href, parts), self._link = self._link, None
+            label = " ".join("".join(parts).split())
+            target = href.strip()
+            if label and target.lower().startswith(("http://", "https://", "mailto:")):
+                target = target[7:] if target.lower().startswith("mailto:") else target
+                if _bare_url(target) != _bare_url(label):
+                    self._write(f" ({target})")
+
+    def handle_data(self, data: str) -> None:
+        if self._skip:
+            return
+        self._write(data, raw=True) if self._pre else self._write(re.sub(r"\s+", " ", data))
+        if self._link:
+            self._link[1].append(data)
+
+
+def _bare_url(url: str) -> str:
+    """Reduce a URL to compare it with a link's text: no scheme, no trailing slash, lowercase."""
+    return re.sub(r"^[a-z]+://", "", url.strip(), flags=re.I).rstrip("/").lower()
+
+
+def html_to_text(html: str) -> str:
+    """Convert HTML to readable plain text with line breaks, list bullets and "text (url)" links."""
+    extractor = _TextExtractor()
+    extractor.feed(html)
+    extractor.close()
+    text = "".join(extractor.chunks).replace("\xa0", " ")
+    return re.sub(r"\n{3,}", "\n\n", _tidy(text))
+
+
+def _filter_attribute(tag: str, attribute: str, value: str) -> str | None:
+    """Allow images only from the mail itself (cid: or raster data:), and no data:/cid: links."""
+    lowered = value.strip().lower()
+    if tag == "img" and attribute == "src":
+        allowed = ("cid:", "data:image/png", "data:image/jpeg", "data:image/gif", "data:image/webp")
+        return value if lowered.startswith(allowed) else None
+    if attribute == "href" and lowered.startswith(("data:", "cid:")):
+        return None
+    return value
+
+
+_CLEANER = nh3.Cleaner(
+    tags=nh3.ALLOWED_TAGS - {"map", "area"},
+    clean_content_tags={"script", "style", "title"},
+    attributes={
+        **nh3.ALLOWED_ATTRIBUTES,
+        "*": {"style", "dir", "lang", "title"},
+        "table": nh3.ALLOWED_ATTRIBUTES["table"]
+        | {"border", "cellpadding", "cellspacing", "width"},
+        "td": nh3.ALLOWED_ATTRIBUTES["td"] | {"width", "valign"},
+        "th": nh3.ALLOWED_ATTRIBUTES["th"] | {"width", "valign"},
+    },
+    attribute_filter=_filter_attribute,
+    url_schemes={"http", "https", "mailto", "tel", "cid", "data"},
+    # Relative URLs would resolve against the desk's own origin.
+    url_relative="deny",
+    # Only properties that cannot load anything: no background, no list-style-image, no url().
+    filter_style_properties=set(
+        "color background-color font-weight font-style font-size font-family text-align"
+        " text-decoration vertical-align white-space border border-left border-collapse margin"
+        " margin-left padding padding-left width".split()
+    ),
+)
+
+
+def sanitise_html(html: str) -> str:
+    """Sanitise mail HTML: no scripts, handlers or remote loads; keep formatting, tables, links."""
+    return _CLEANER.clean(html).strip()
+
+
+def sanitise_filename(name: str | None, content_type: str) -> str:
+    """Make an attachment name safe: no path, no control characters, at most 200, never empty."""
+    # NFC, because Apple Mail sends decomposed accents.
+    name = re.sub(r"[\t\r\n]+", " ", unicodedata.normalize("NFC", name or ""))
+    name = "".join("_" if c in '<>:"|?*' else c for c in name if unicodedata.category(c)[0] != "C")
+    name = " ".join(re.split(r"[/\\]", name)[-1].split()).strip(" .")
+    if len(name) > _MAX_FILENAME:
+        stem, dot, extension = name.rpartition(".")
+        if dot and stem and len(extension) <= 16:
+            name = stem[: _MAX_FILENAME - len(extension) - 1].rstrip() + "." + extension
+        else:
+            name = name[:_MAX_FILENAME].rstrip()
+    return name or "attachment" + (_MIME_TYPES.guess_extension(content_type) or "")
+
+
+_MARKER = re.compile(
+    r"##-\s*r[ée]pondez|r[ée]pondez au-dessus de cette ligne|reply above this line", re.I
+)
+_ATTRIBUTION = re.compile(r"(On\s.*\d.*\swrote|Le\s.*\d.*\sa\s+écrit)\s*:", re.I)
+_ORIGINAL_MESSAGE = re.compile(r"-{2,}\s*(Original Message|Message d.origine)\s*-{2,}", re.I)
+_OUTLOOK_FROM = re.compile(r"\*?(From|De)\s*:", re.I)
+_OUTLOOK_SENT = re.compile(r"\*?(Sent|Envoyé|Date)\s*:", re.I)
+_OUTLOOK_SUBJECT = re.compile(r"\*?(Subject|Objet)\s*:", re.I)
+_FORWARD_MARKERS = ("forwarded message", "message transféré", "début du message réexpédié")
+
+
+def _outlook_header_block(lines: list[str], i: int) -> bool:
+    """Tell whether an Outlook "From: / Sent: / Subject:" block, or its French form, starts at i."""
+    if not _OUTLOOK_FROM.match(lines[i].strip()):
+        return False
+    # Forwarded messages use the same header block, but their content is new to the desk.
+    if any(marker in " ".join(lines[max(0, i - 3) : i]).lower() for marker in _FORWARD_MARKERS):
+        return False
+    following = [line.strip() for line in lines[i + 1 : i + 7]]
+    return any(map(_OUTLOOK_SENT.match, following)) and any(map(_OUTLOOK_SUBJECT.match, following))
+
+
+def _starts_history(lines: list[str], i: int) -> bool:
+    """Tell whether quoted history starts at line i."""
+    line = lines[i].strip()
+    following = lines[i + 1] if i + 1 < len(lines) else ""
+    if _MARKER.search(line) or (line.endswith("##-") and _MARKER.search(following)):
+        return True
+    if _ORIGINAL_MESSAGE.fullmatch(line):
+        return True
+    # Gmail wraps long attribution lines, so try them joined with the next lines too; the length
+    # limit keeps the regular expression from backtracking through long paragraphs.
+    for n in (1, 2, 3):
+        joined = " ".join(part.strip() for part in lines[i : i + n])
+        if len(joined) < 400 and _ATTRIBUTION.fullmatch(joined):
+            return True
+    if re.fullmatch(r"_{5,}", line) and following:
+        return _outlook_header_block(lines, i + 1)
+    return _outlook_header_block(lines, i)
+
+
+def strip_quoted_reply(text: str) -> str:
+    """Return only the new part of a reply, without the quoted history below it."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    cut = next((i for i in range(len(lines)) if _starts_history(lines, i)), len(lines))
+    kept = lines[:cut]
+    while kept and (not kept[-1].strip() or kept[-1].lstrip().startswith(">")):
+        kept.pop()
+    return "\n".join(kept).strip() or text.strip()
