@@ -17,11 +17,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from maildesk import directory, store
+from maildesk import database, directory
 from maildesk.config import ConfigError, Settings, config_path, load_settings
 from maildesk.directory import DirectoryError
 from maildesk.logs import configure_logging
-from maildesk.store import StoreError
+from maildesk.database import StoreError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -77,15 +77,15 @@ def _parse_when(text: str) -> datetime:
 
 
 def _open_store(settings: Settings) -> sa.Engine:
-    engine = store.make_engine(settings.store_url)
-    store.check_schema(engine)
+    engine = database.make_engine(settings.store_url)
+    database.check_schema(engine)
     return engine
 
 
 def _in_transaction(settings: Settings, work: Callable[[Session], int]) -> int:
     engine = _open_store(settings)
     try:
-        with store.session_scope(engine) as session:
+        with database.session_scope(engine) as session:
             return work(session)
     finally:
         engine.dispose()
@@ -96,9 +96,9 @@ def _in_transaction(settings: Settings, work: Callable[[Session], int]) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     """Create or upgrade the schema."""
-    engine = store.make_engine(settings.store_url)
+    engine = database.make_engine(settings.store_url)
     try:
-        before, after = store.upgrade(engine)
+        before, after = database.upgrade(engine)
     finally:
         engine.dispose()
     if before == after:
@@ -110,9 +110,9 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
     """Show the schema revision."""
-    engine = store.make_engine(settings.store_url)
+    engine = database.make_engine(settings.store_url)
     try:
-        current, head = store.current_revision(engine), store.head_revision()
+        current, head = database.current_revision(engine), database.head_revision()
     finally:
         engine.dispose()
     print(f"database revision: {current or 'empty'}; this maildesk needs: {head}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from maildesk import store
+from maildesk import database
 from maildesk.config import Settings
 from maildesk.logs import get_logger
 
@@ -14,8 +14,8 @@ log = get_logger("daemon")
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run until `stop` is set."""
-    engine = store.make_engine(settings.store_url)
-    store.check_schema(engine)
+    engine = database.make_engine(settings.store_url)
+    database.check_schema(engine)
     log.info(
         "started",
         desk=settings.desk.address,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maildesk import directory, store
+from maildesk import database, directory
 from maildesk.config import DeskSettings, Settings
 
 DEMO_COMPANY = "Demo Company"
@@ -28,10 +28,10 @@ def quickstart_settings(state_dir: Path, port: int) -> Settings:
 
 def seed_demo(settings: Settings) -> None:
     """Create the schema and the demo people; running it again changes nothing."""
-    engine = store.make_engine(settings.store_url)
+    engine = database.make_engine(settings.store_url)
     try:
-        store.upgrade(engine)
-        with store.session_scope(engine) as session:
+        database.upgrade(engine)
+        with database.session_scope(engine) as session:
             actor = "quickstart"
             if directory.find_company(session, DEMO_COMPANY) is None:
                 directory.add_company(session, name=DEMO_COMPANY, after_hours=False, actor=actor)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from maildesk import store
+from maildesk import database
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,8 +28,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def engine(store_url: str) -> Iterator[sa.Engine]:
     """An engine on a database upgraded to the newest schema."""
-    engine = store.make_engine(store_url)
-    store.upgrade(engine)
+    engine = database.make_engine(store_url)
+    database.upgrade(engine)
     yield engine
     engine.dispose()
 
@@ -82,8 +82,8 @@ def make_desk(directory: Path, store_url: str) -> Desk:
     """A configured desk on `store_url`, with its schema upgraded."""
     desk = Desk(directory=directory, config=directory / "config.toml")
     desk.write_config(base_config(directory / "state", store_url))
-    engine = store.make_engine(store_url)
-    store.upgrade(engine)
+    engine = database.make_engine(store_url)
+    database.upgrade(engine)
     engine.dispose()
     return desk
 

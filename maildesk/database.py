@@ -1,4 +1,4 @@
-"""The store: the database engine, its sessions and its schema version.
+"""The database: its engine, its sessions and its schema version.
 
 The schema comes only from the Alembic migrations in `maildesk/migrations`; `maildesk db
 upgrade` applies them and `maildesk run` refuses to start on a database that lags behind.
