@@ -17,11 +17,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from maildesk import database, directory
+from maildesk import cli_tickets, database, directory
 from maildesk.config import ConfigError, Settings, config_path, load_settings
+from maildesk.database import StoreError
 from maildesk.directory import DirectoryError
 from maildesk.logs import configure_logging
-from maildesk.database import StoreError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -368,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
             "agents add": cmd_agents_add,
             "agents list": cmd_agents_list,
             "agents deactivate": cmd_agents_deactivate,
+            "tickets list": cli_tickets.cmd_tickets_list,
+            "tickets show": cli_tickets.cmd_tickets_show,
+            "quarantine list": cli_tickets.cmd_quarantine_list,
+            "quarantine show": cli_tickets.cmd_quarantine_show,
+            "quarantine release": cli_tickets.cmd_quarantine_release,
         },
         parse_when=_parse_when,
         quickstart_settings=_quickstart_settings,
@@ -398,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    except (DirectoryError, StoreError, CommandError) as exc:
+    except (DirectoryError, StoreError, CommandError, cli_tickets.NotFound) as exc:
         return _fail(str(exc), EXIT_FAILED)
     except sa.exc.OperationalError as exc:
         return _fail(f"the database is unavailable: {exc.orig}", EXIT_FAILED)

@@ -115,4 +115,8 @@ def build(
     sub = command("agents deactivate", "stop sending tickets to an agent")
     sub.add_argument("email", metavar="EMAIL")
 
+    from maildesk.cli_tickets import add_parsers
+
+    add_parsers(command)
+
     return parser

@@ -332,6 +332,18 @@ def deactivate_agent(session: Session, *, email: str, actor: str) -> Agent:
     return agent
 
 
+def agents_for(session: Session, company: Company) -> list[Agent]:
+    """The active agents who may see this company's data.
+
+    US staff see a company's data only when it subscribed to after-hours support: the privacy
+    notice promises it, so the rule lives here, where every notification asks.
+    """
+    query = select(Agent).where(col(Agent.active).is_(True)).order_by(col(Agent.email))
+    if not company.after_hours:
+        query = query.where(Agent.region == "eu")
+    return list(session.exec(query))
+
+
 def list_agents(session: Session) -> list[Agent]:
     """All agents by email."""
     return list(session.exec(select(Agent).order_by(col(Agent.email))))

@@ -1,0 +1,142 @@
+"""Store: keep the raw mail and its attachments on disk, and file tickets and messages.
+
+Files are content-addressed (named by their SHA-256) and written before the transaction that
+refers to them commits: a crash in between leaves at worst an unreferenced file, never a row
+that points at nothing. Writing the same content twice is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from sqlmodel import Session
+
+from maildesk.models import Account, Agent, Attachment, AuditEvent, Message, Ticket, utcnow
+from maildesk.parse import ParsedMail
+
+RAW_DIR = "raw"
+ATTACHMENTS_DIR = "attachments"
+MAX_SUBJECT = 998
+
+
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of `data`, in hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """Write `data` at `path` durably and atomically, unless it is already there."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def content_path(state_dir: Path, kind: str, digest: str) -> Path:
+    """Where the file with that digest lives."""
+    return state_dir / kind / digest[:2] / digest
+
+
+def save_raw(state_dir: Path, raw: bytes) -> tuple[str, str]:
+    """Keep a raw mail; returns its SHA-256 and its path relative to the state directory."""
+    digest = sha256_hex(raw)
+    path = content_path(state_dir, RAW_DIR, digest)
+    _write_once(path, raw)
+    return digest, str(path.relative_to(state_dir))
+
+
+def read_raw(state_dir: Path, relative_path: str) -> bytes:
+    """The raw mail kept at `relative_path`."""
+    return (state_dir / relative_path).read_bytes()
+
+
+def open_ticket(session: Session, *, account: Account, mail: ParsedMail) -> Ticket:
+    """A new ticket for `account`, titled after the mail's subject."""
+    subject = " ".join(mail.subject.split())[:MAX_SUBJECT] or "(no subject)"
+    ticket = Ticket(subject=subject, account_id=account.id, company_id=account.company_id)  # type: ignore[arg-type]
+    session.add(ticket)
+    session.flush()
+    session.add(
+        AuditEvent(actor=account.email, action="ticket.open", ticket_id=ticket.id,
+                   account_id=account.id)
+    )
+    return ticket
+
+
+def add_message(
+    session: Session,
+    *,
+    state_dir: Path,
+    ticket: Ticket,
+    mail: ParsedMail,
+    text: str,
+    inbound_mail_id: int | None,
+    matched_by: str | None,
+    account: Account | None = None,
+    agent: Agent | None = None,
+) -> Message:
+    """File a received mail in a ticket's thread, with its attachments."""
+    author_kind = "agent" if agent is not None else "customer"
+    message = Message(
+        ticket_id=ticket.id,  # type: ignore[arg-type]
+        direction="in",
+        author_kind=author_kind,
+        author_email=mail.from_address,
+        author_name=(agent.name if agent else account.name if account else mail.from_name)[:200],
+        account_id=account.id if account else None,
+        agent_id=agent.id if agent else None,
+        message_id=mail.message_id,
+        in_reply_to=mail.in_reply_to[0] if mail.in_reply_to else None,
+        matched_by=matched_by,
+        text=text,
+        # An agent's HTML still holds the quoted history that the text lost; keeping it would
+        # relay the customer's own words back to them, so only customers' HTML is kept.
+        html=mail.html if agent is None else None,
+        inbound_mail_id=inbound_mail_id,
+    )
+    session.add(message)
+    session.flush()
+    for part in mail.attachments:
+        digest = sha256_hex(part.data)
+        _write_once(content_path(state_dir, ATTACHMENTS_DIR, digest), part.data)
+        session.add(
+            Attachment(
+                message_id=message.id,  # type: ignore[arg-type]
+                sha256=digest,
+                filename=part.filename,
+                content_type=part.content_type[:255],
+                size=len(part.data),
+                inline=part.inline,
+                content_id=part.content_id,
+            )
+        )
+    ticket.updated_at = utcnow()
+    ticket.status = "answered" if agent is not None else "open"
+    session.add(ticket)
+    session.add(
+        AuditEvent(
+            actor=mail.from_address,
+            action="ticket.answer" if agent is not None else "ticket.message",
+            ticket_id=ticket.id,
+            account_id=account.id if account else None,
+        )
+    )
+    session.flush()
+    return message
