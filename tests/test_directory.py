@@ -90,7 +90,7 @@ def test_a_rejected_import_leaves_nothing(engine: sa.Engine) -> None:
     with database.session_scope(engine) as session:
         directory.add_company(session, name="ACME SA", after_hours=False, actor="t")
     data = "email,name,company\nok@client.example,Ok,ACME SA\nbad,Bad,ACME SA\n"
-    with pytest.raises(DirectoryError, match="f.csv: line 3"), \
+    with pytest.raises(DirectoryError, match=r"f\.csv: line 3"), \
             database.session_scope(engine) as session:
         directory.import_accounts(session, data, source="f.csv", actor="t")
     with database.session_scope(engine) as session:
