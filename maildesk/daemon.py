@@ -1,4 +1,9 @@
-"""The daemon: start the stage tasks, stop them cleanly on SIGTERM or SIGINT."""
+"""The daemon: start the stage tasks, stop them cleanly on SIGTERM or SIGINT.
+
+Intake (the IMAP fetcher, the SMTP/LMTP listener) hands each mail to the pipeline, which commits
+it with its notifications in the outbox and wakes the sender. On a stop signal the listener
+closes first, so no new mail is accepted, then each stage finishes the mail in hand.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,53 @@ import signal
 
 from maildesk import database
 from maildesk.config import Settings
+from maildesk.fetch import ImapFetcher
+from maildesk.listen import Listener
 from maildesk.logs import get_logger
+from maildesk.pipeline import Pipeline
+from maildesk.send import OutboxSender
 
 log = get_logger("daemon")
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Run until `stop` is set."""
+    """Run every enabled stage until `stop` is set."""
     engine = database.make_engine(settings.store_url)
     database.check_schema(engine)
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    pipeline = Pipeline(
+        settings, engine, on_commit=lambda: loop.call_soon_threadsafe(wake.set)
+    )
+    sender = OutboxSender(settings, engine)
+    tasks = [asyncio.create_task(sender.run(stop, wake), name="send")]
+    if settings.imap.enabled:
+        fetcher = ImapFetcher(settings.imap, pipeline.process, pipeline.seen)
+        tasks.append(asyncio.create_task(fetcher.run(stop), name="fetch"))
+    listener: Listener | None = None
+    if settings.listener.enabled:
+        listener = Listener(settings.listener, settings.desk.address, pipeline.process)
+        await listener.start()
     log.info(
         "started",
         desk=settings.desk.address,
         store=engine.dialect.name,
         imap=settings.imap.enabled,
-        listener=settings.listener.enabled,
+        listener=f"{settings.listener.host}:{listener.port}" if listener else None,
         transport=settings.smtp.transport,
     )
     try:
-        await stop.wait()
+        done, _pending = await asyncio.wait(
+            [asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in done:
+            if task in tasks and task.exception() is not None:
+                log.error("stage failed", stage=task.get_name(), error=repr(task.exception()))
     finally:
+        stop.set()
+        if listener is not None:
+            await listener.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
         engine.dispose()
         log.info("stopped")
 

@@ -25,28 +25,13 @@ Seen = Callable[[str, int, int], bool]
 
 log = get_logger("fetch")
 
-FETCH_BATCH = 50  # mails per FETCH command
-FETCH_BATCH_BYTES = 32 * 1024 * 1024  # and at most this much mail in memory at once
+FETCH_BATCH = 50  # mails per FETCH or MOVE command
+BIG_MAIL_BYTES = 1024 * 1024  # a mail larger than this is fetched alone, to bound memory
 MAX_ATTEMPTS = 3  # handler failures before a mail is quarantined as poison
 IDLE_CHECK_SECONDS = 1.0  # how often IDLE looks at `stop`
 IDLE_RENEW_SECONDS = 25 * 60  # RFC 2177: servers may drop an IDLE after 30 minutes
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 SOCKET_TIMEOUT = 60.0  # so that a dead network cannot hang a worker thread forever
-
-
-def uid_set(uids: list[int]) -> str:
-    """Write sorted UIDs as a compact IMAP sequence set, such as "1:4,7,9:10"."""
-    # Ranges keep the command short when a large backlog is waiting; servers cap line length.
-    parts: list[str] = []
-    start = prev = uids[0]
-    for uid in [*uids[1:], None]:
-        if uid is not None and uid == prev + 1:
-            prev = uid
-            continue
-        parts.append(str(start) if start == prev else f"{start}:{prev}")
-        if uid is not None:
-            start = prev = uid
-    return ",".join(parts)
 
 
 class _Connection:
@@ -83,81 +68,64 @@ class _Connection:
                 self.client.subscribe_folder(name)
             log.info("imap.folder_created", folder=name)
 
-    def select(self) -> int:
-        """Select the watched folder read-write and return its UIDVALIDITY."""
-        return int(self.client.select_folder(self.folder)[b"UIDVALIDITY"])
-
-    def search_all(self) -> list[int]:
-        """Return every UID in the selected folder, ascending."""
-        return sorted(int(uid) for uid in self.client.search("ALL"))
+    def scan(self) -> tuple[int, list[int]]:
+        """Select the watched folder; return its UIDVALIDITY and all its UIDs, ascending."""
+        uidvalidity = int(self.client.select_folder(self.folder)[b"UIDVALIDITY"])
+        return uidvalidity, sorted(int(uid) for uid in self.client.search("ALL"))
 
     def batches(self, uids: list[int]) -> list[list[int]]:
-        """Split UIDs into FETCH batches bounded by count and by total size."""
-        if not uids:
-            return []
-        sizes = self.client.fetch(uid_set(uids), ["RFC822.SIZE"])
+        """Split UIDs into FETCH batches of up to FETCH_BATCH small mails or one big mail."""
+        big = set(self.client.search(["LARGER", BIG_MAIL_BYTES])) if uids else set()
         batches: list[list[int]] = []
-        current: list[int] = []
-        total = 0
         for uid in uids:
-            if uid not in sizes:
-                continue  # Expunged by someone else since the search.
-            size = int(sizes[uid].get(b"RFC822.SIZE", 0))
-            if current and (len(current) >= FETCH_BATCH or total + size > FETCH_BATCH_BYTES):
-                batches.append(current)
-                current, total = [], 0
-            current.append(uid)
-            total += size
-        return [*batches, current] if current else batches
+            full = not batches or len(batches[-1]) >= FETCH_BATCH or batches[-1][0] in big
+            if full or uid in big:
+                batches.append([uid])
+            else:
+                batches[-1].append(uid)
+        return batches
 
     def bodies(self, uids: list[int]) -> dict[int, bytes]:
         """Fetch raw mails without setting \\Seen (BODY.PEEK), keyed by UID."""
-        data = self.client.fetch(uid_set(uids), ["BODY.PEEK[]"])
+        data = self.client.fetch(uids, ["BODY.PEEK[]"])
         return {int(uid): bytes(item[b"BODY[]"]) for uid, item in data.items()}
 
     def move(self, uids: list[int], folder: str) -> None:
         """Move UIDs to a folder: MOVE, else COPY + \\Deleted + UID EXPUNGE of just those."""
         if self.use_move:
-            self.client.move(uid_set(uids), folder)
+            self.client.move(uids, folder)
             return
-        self.client.copy(uid_set(uids), folder)
-        self.client.add_flags(uid_set(uids), [b"\\Deleted"], silent=True)
+        self.client.copy(uids, folder)
+        self.client.add_flags(uids, [b"\\Deleted"], silent=True)
         if self.uidplus:
-            self.client.uid_expunge(uid_set(uids))
+            self.client.uid_expunge(uids)
         else:
             # Without UIDPLUS only a plain EXPUNGE exists; it also removes other mails that
             # a user flagged \Deleted in this folder, which they asked for anyway.
             self.client.expunge()
 
-    def idle_start(self) -> None:
-        """Enter IDLE."""
+    def idle(self, stop: asyncio.Event, seconds: float) -> None:
+        """IDLE until the server reports anything, `stop` is set or `seconds` have passed."""
+        deadline = time.monotonic() + seconds
         self.client.idle()
         self.idling = True
-
-    def idle_wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds in IDLE; return True when the server said something."""
-        started = time.monotonic()
-        if self.client.idle_check(timeout):
-            return True
-        # imapclient swallows EOF inside idle_check and returns early with nothing: treat an
-        # early empty return as news, so that idle_done() surfaces the broken connection.
-        return time.monotonic() - started < timeout / 2
-
-    def idle_done(self) -> None:
-        """Leave IDLE."""
+        # Short idle_checks so that `stop` (a plain flag, safe to read here) is seen quickly.
+        while not stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            if self.client.idle_check(IDLE_CHECK_SECONDS):
+                break
+            # imapclient swallows EOF inside idle_check and returns early with nothing: take
+            # an early empty return as news, so that idle_done() surfaces a broken connection.
+            if time.monotonic() - started < IDLE_CHECK_SECONDS / 2:
+                break
         self.idling = False
         self.client.idle_done()
 
     def logout(self) -> None:
         """Say goodbye politely, and close the socket whatever happens."""
-        try:
-            if self.idling:
-                self.idle_done()
+        with contextlib.suppress(OSError, IMAPClientError):
             self.client.logout()
-        except (OSError, IMAPClientError):
-            pass
-        finally:
-            self.abandon()
+        self.abandon()
 
     def abandon(self) -> None:
         """Close the socket without talking to the server."""
@@ -172,6 +140,9 @@ class ImapFetcher:
         """Remember the settings and the pipeline callbacks; connect lazily."""
         if not settings.username or settings.password is None:
             raise ValueError("IMAP needs a username and a password")
+        if settings.folder in (settings.processed_folder, settings.quarantine_folder):
+            # Moving a mail into the folder it came from would loop forever.
+            raise ValueError("the IMAP folder must differ from the processed and quarantine ones")
         self._settings = settings
         self._handler = handler
         self._seen = seen
@@ -236,11 +207,10 @@ class ImapFetcher:
         # Search again after each pass: mails that arrived meanwhile were announced during
         # other commands, so IDLE would not report them.
         while not stop.is_set():
-            uidvalidity = await asyncio.to_thread(conn.select)
+            uidvalidity, uids = await asyncio.to_thread(conn.scan)
             if uidvalidity != self._uidvalidity:
                 log.info("imap.selected", folder=conn.folder, uidvalidity=uidvalidity)
                 self._uidvalidity = uidvalidity
-            uids = await asyncio.to_thread(conn.search_all)
             # A failed mail stays in place until the next round, not the next pass.
             todo = [uid for uid in uids if (uidvalidity, uid) not in tried]
             if not todo:
@@ -260,9 +230,10 @@ class ImapFetcher:
         moves: dict[str, list[int]] = {conn.processed: sorted(seen), conn.quarantine: []}
         if seen:
             log.info("imap.already_stored", count=len(seen), uidvalidity=uidvalidity)
+        fresh = [uid for uid in uids if uid not in seen]
         handled = 0
         try:
-            for batch in await asyncio.to_thread(conn.batches, [u for u in uids if u not in seen]):
+            for batch in await asyncio.to_thread(conn.batches, fresh):
                 if stop.is_set():
                     break
                 bodies = await asyncio.to_thread(conn.bodies, batch)
@@ -271,10 +242,10 @@ class ImapFetcher:
                         break
                     if uid not in bodies:
                         continue  # Expunged by someone else since the search.
-                    folder = await self._handle(conn, uidvalidity, uid, bodies.pop(uid))
+                    folder, took = await self._handle(conn, uidvalidity, uid, bodies.pop(uid))
                     if folder is not None:
                         moves[folder].append(uid)
-                        handled += folder != conn.quarantine or uid not in self._attempts
+                    handled += took
                 # Moving a whole batch at once costs one command instead of fifty; a crash
                 # before it only means those mails are found again and moved via `seen`.
                 await self._flush(conn, moves)
@@ -284,8 +255,10 @@ class ImapFetcher:
         await self._flush(conn, moves)
         return handled
 
-    async def _handle(self, conn: _Connection, uidvalidity: int, uid: int, raw: bytes) -> str | None:
-        """Run the handler on one mail; return the folder to move it to, or None to keep it."""
+    async def _handle(
+        self, conn: _Connection, uidvalidity: int, uid: int, raw: bytes
+    ) -> tuple[str | None, bool]:
+        """Run the handler on one mail; return where to move it (None: keep) and if it took."""
         delivery = Delivery(
             source="imap", mailbox=self._settings.folder, uidvalidity=uidvalidity, uid=uid
         )
@@ -302,36 +275,34 @@ class ImapFetcher:
             )  # fmt: skip
             if attempts < MAX_ATTEMPTS:
                 self._attempts[key] = attempts
-                return None
+                return None, False
             # A poison mail must not block the queue forever; a human will look at it.
-            self._attempts[key] = attempts
+            self._attempts.pop(key, None)
             log.warning("imap.poison_quarantined", uid=uid, uidvalidity=uidvalidity)
-            return conn.quarantine
+            return conn.quarantine, False
         self._attempts.pop(key, None)
-        return conn.quarantine if outcome.quarantined else conn.processed
+        return (conn.quarantine if outcome.quarantined else conn.processed), True
 
     async def _flush(self, conn: _Connection, moves: dict[str, list[int]]) -> None:
         for folder, uids in moves.items():
+            # Slices keep the command line short when many stored mails wait to be moved.
+            for start in range(0, len(uids), FETCH_BATCH):
+                await asyncio.to_thread(conn.move, uids[start : start + FETCH_BATCH], folder)
             if uids:
-                await asyncio.to_thread(conn.move, uids, folder)
                 log.debug("imap.moved", count=len(uids), folder=folder)
-                for uid in uids:
-                    self._attempts.pop((self._uidvalidity or 0, uid), None)
-                uids.clear()
+            uids.clear()
 
     async def _wait_for_mail(self, stop: asyncio.Event) -> None:
         """IDLE until the server reports something, else sleep for the poll interval."""
         conn = await self._connection()
-        if not conn.use_idle:
-            await _sleep(stop, self._settings.poll_seconds)
+        if stop.is_set():
             return
-        # Also end IDLE after the poll interval: a cheap sweep in case a notification was lost.
-        deadline = time.monotonic() + min(IDLE_RENEW_SECONDS, self._settings.poll_seconds)
-        await asyncio.to_thread(conn.idle_start)
-        while not stop.is_set() and time.monotonic() < deadline:
-            if await asyncio.to_thread(conn.idle_wait, IDLE_CHECK_SECONDS):
-                break
-        await asyncio.to_thread(conn.idle_done)
+        if conn.use_idle:
+            # IDLE also ends after the poll interval: a cheap sweep in case news got lost.
+            seconds = min(IDLE_RENEW_SECONDS, self._settings.poll_seconds)
+            await asyncio.to_thread(conn.idle, stop, seconds)
+        else:
+            await _sleep(stop, self._settings.poll_seconds)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch until `stop` is set, reconnecting with backoff after errors."""
@@ -341,27 +312,22 @@ class ImapFetcher:
                 try:
                     await self._drain(stop)
                     delay = BACKOFF_FIRST
-                    if not stop.is_set():
-                        await self._wait_for_mail(stop)
+                    await self._wait_for_mail(stop)
                     continue
                 except StoreUnavailable:
-                    # The connection is fine; keep it and retry once the database is back.
+                    # The connection is fine: keep it, and retry once the database is back.
                     log.warning("imap.store_unavailable", retry_in=delay)
-                    await _sleep(stop, delay)
-                    delay = min(delay * 2, BACKOFF_MAX)
-                    continue
                 except LoginError:
-                    log.error(
-                        f"IMAP login refused for user {self._settings.username}",
-                        host=self._settings.host, retry_in=BACKOFF_MAX,
-                    )  # fmt: skip
                     delay = BACKOFF_MAX
+                    user = self._settings.username
+                    log.error(f"IMAP login refused for user {user}", retry_in=delay)
                 except (OSError, IMAPClientError) as exc:
                     log.warning("imap.connection_error", error=repr(exc), retry_in=delay)
+                    self._abandon()
                 except Exception:
                     # A bug must not end ingress for good; log it and start over.
                     log.exception("imap.unexpected_error", retry_in=delay)
-                self._abandon()
+                    self._abandon()
                 await _sleep(stop, delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         except asyncio.CancelledError:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.parser import BytesParser
 from html.parser import HTMLParser
+from typing import NamedTuple
 from urllib.parse import unquote
 
 import nh3
@@ -150,25 +151,36 @@ def _date(value: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _leaves(part: EmailMessage, parent: str = "") -> Iterator[tuple[str, EmailMessage]]:
-    """Yield (parent multipart subtype, leaf part), treating attached messages as leaves."""
+class _Leaf(NamedTuple):
+    """A leaf MIME part with the headers that parsing needs, decoded once (the registry is slow)."""
+
+    parent: str  # The subtype of the enclosing multipart, "" for a single-part mail.
+    part: EmailMessage
+    content_type: str
+    filename: str | None
+    disposition: str | None
+
+
+def _leaves(part: EmailMessage, parent: str = "") -> Iterator[_Leaf]:
+    """Yield the leaf parts of a mail, treating attached messages as leaves."""
     payload = part.get_payload()
     if part.get_content_maintype() == "multipart" and isinstance(payload, list):
         for sub in payload:
             if isinstance(sub, EmailMessage):
                 yield from _leaves(sub, part.get_content_subtype())
     else:
-        yield parent, part
+        filename, disposition = part.get_filename(), part.get_content_disposition()
+        yield _Leaf(parent, part, part.get_content_type(), filename, disposition)
 
 
-def _is_body(part: EmailMessage, content_type: str) -> bool:
+def _is_body(leaf: _Leaf, content_type: str) -> bool:
     """Tell whether a part can be the mail body: the right type, unnamed and not an attachment."""
     # A multipart leaf lost its boundary: its raw text beats an empty ticket.
-    broken = content_type == "text/plain" and part.get_content_maintype() == "multipart"
+    broken = content_type == "text/plain" and leaf.content_type.startswith("multipart/")
     return (
-        (part.get_content_type() == content_type or broken)
-        and not part.is_attachment()
-        and part.get_filename() is None
+        (leaf.content_type == content_type or broken)
+        and leaf.disposition != "attachment"
+        and leaf.filename is None
     )
 
 
@@ -182,7 +194,7 @@ def _part_text(part: EmailMessage) -> str:
 def _unflow(text: str, delsp: bool) -> str:
     """Join RFC 3676 format=flowed soft line breaks back into paragraphs."""
     out: list[str] = []
-    pending: str | None = None
+    pending: list[str] = []  # The pieces of a paragraph still being unwrapped.
     pending_depth = 0
     for line in text.split("\n"):
         content = line.lstrip(">")
@@ -191,16 +203,17 @@ def _unflow(text: str, delsp: bool) -> str:
         flowed = content.endswith(" ") and content != "-- "
         if flowed and delsp:
             content = content[:-1]
-        if pending is not None and depth == pending_depth:
-            content = pending + content
-        elif pending is not None:
+        if pending and depth != pending_depth:
             # A change of quote depth ends a flowed paragraph (RFC 3676 section 4.5).
-            out.append(_quoted(pending_depth, pending))
-        pending, pending_depth = (content, depth) if flowed else (None, 0)
+            out.append(_quoted(pending_depth, "".join(pending)))
+            pending = []
+        pending.append(content)
+        pending_depth = depth
         if not flowed:
-            out.append(_quoted(depth, content))
-    if pending is not None:
-        out.append(_quoted(pending_depth, pending))
+            out.append(_quoted(depth, "".join(pending)))
+            pending = []
+    if pending:
+        out.append(_quoted(pending_depth, "".join(pending)))
     return "\n".join(out)
 
 
@@ -222,12 +235,12 @@ def _body_text(part: EmailMessage) -> str:
     return _tidy(text)
 
 
-def _attachment(part: EmailMessage, cids: set[str]) -> ParsedAttachment:
+def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
     """Build a ParsedAttachment from a non-body leaf part."""
-    content_type = part.get_content_type()
+    part, name = leaf.part, leaf.filename
+    content_type = leaf.content_type
     if not _MIME_TYPE.fullmatch(content_type):
         content_type = "application/octet-stream"
-    name = part.get_filename()
     if name is not None:
         name = _fix_8bit(name)
         # Outlook puts RFC 2047 encoded words inside quoted parameters, against RFC 2231.
@@ -247,8 +260,7 @@ def _attachment(part: EmailMessage, cids: set[str]) -> ParsedAttachment:
         data = decoded if isinstance(decoded, bytes) else b""
     content_id = "".join(_first_header(part, "Content-ID").split()).strip("<>") or None
     referenced = content_id is not None and content_id.lower() in cids
-    disposition = part.get_content_disposition()
-    inline_image = disposition == "inline" and part.get_content_maintype() == "image"
+    inline_image = leaf.disposition == "inline" and content_type.startswith("image/")
     return ParsedAttachment(
         filename=sanitise_filename(name, content_type),
         content_type=content_type,
@@ -280,25 +292,28 @@ def _parse(raw: bytes) -> ParsedMail:
         has_from = bool(_raw_headers(msg, "From"))
         raise MalformedMail("From header has no usable address" if has_from else "no From header")
     leaves = list(_leaves(msg))
-    plains = [(parent, part) for parent, part in leaves if _is_body(part, "text/plain")]
-    body_parts = [part for _, part in plains[:1]]
-    if plains and plains[0][0] == "mixed":
+    plains = [leaf for leaf in leaves if _is_body(leaf, "text/plain")]
+    body_parts = plains[:1]
+    if plains and plains[0].parent == "mixed":
         # Apple Mail splits a plain body around inline attachments into sibling text/plain parts.
-        body_parts = [part for parent, part in plains if parent == "mixed"]
-    html_part = next((part for _, part in leaves if _is_body(part, "text/html")), None)
-    text = "\n\n".join(filter(None, (_body_text(part) for part in body_parts)))
-    html_source = _part_text(html_part) if html_part is not None else None
+        body_parts = [leaf for leaf in plains if leaf.parent == "mixed"]
+    html_leaf = next((leaf for leaf in leaves if _is_body(leaf, "text/html")), None)
+    text = "\n\n".join(filter(None, (_body_text(leaf.part) for leaf in body_parts)))
+    html_source = _part_text(html_leaf.part) if html_leaf is not None else None
     if not text and html_source:
         text = html_to_text(html_source)
     cids = {unquote(ref).lower() for ref in _CID_REF.findall(html_source or "")}
-    body_ids = {id(part) for part in (html_part, *(part for _, part in plains))}
+    body_ids = {id(leaf.part) for leaf in [*plains, html_leaf] if leaf is not None}
     attachments = [
-        _attachment(part, cids)
-        for _, part in leaves
-        if id(part) not in body_ids
+        _attachment(leaf, cids)
+        for leaf in leaves
+        if id(leaf.part) not in body_ids
         # Unnamed inline text parts left over are other renderings of the body, not attachments.
-        and (part.is_attachment() or part.get_filename() is not None
-             or part.get_content_type() not in ("text/plain", "text/html"))
+        and (
+            leaf.disposition == "attachment"
+            or leaf.filename is not None
+            or leaf.content_type not in ("text/plain", "text/html")
+        )
     ]
     message_ids = _message_ids(_first_header(msg, "Message-ID"))
     return ParsedMail(
@@ -326,18 +341,16 @@ _BLOCK_TAGS = frozenset(
     "address article aside blockquote center dd div dl dt figcaption figure footer form header hr"
     " li main nav ol pre section table tr ul".split()
 )
-_SKIPPED_TAGS = frozenset({"head", "script", "style", "template", "title"})
 
 
 class _TextExtractor(HTMLParser):
-    """Collect the readable text of an HTML document, with blockquotes rendered as "> " lines."""
+    """Collect the readable text of sanitised HTML, with blockquotes rendered as "> " lines."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.chunks: list[str] = []
         # Newlines ending the output, so that nested blocks do not stack blank lines.
         self._newlines = 0
-        self._skip = 0
         self._pre = 0
         self._quote = 0
         self._lists: list[int] = []  # Next item number for <ol>, -1 for <ul>.
@@ -364,12 +377,6 @@ class _TextExtractor(HTMLParser):
             self._newlines = len(text) - len(stripped) + (self._newlines if not stripped else 0)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "body":
-            self._skip = 0  # A <head> left open must not swallow the body.
-        if tag in _SKIPPED_TAGS:
-            self._skip += 1
-        if self._skip:
-            return
         if tag == "br":
             self.chunks.append("\n")
             self._newlines += 1
@@ -392,11 +399,6 @@ class _TextExtractor(HTMLParser):
             self._link = (dict(attrs).get("href") or "", [])
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIPPED_TAGS:
-            self._skip = max(0, self._skip - 1)
-            return
-        if self._skip:
-            return
         self._break(2 if tag in _PARAGRAPH_TAGS else 1 if tag in _BLOCK_TAGS else 0)
         if tag == "blockquote":
             self._quote = max(0, self._quote - 1)
@@ -414,8 +416,6 @@ class _TextExtractor(HTMLParser):
                     self._write(f" ({target})")
 
     def handle_data(self, data: str) -> None:
-        if self._skip:
-            return
         self._write(data, raw=True) if self._pre else self._write(re.sub(r"\s+", " ", data))
         if self._link:
             self._link[1].append(data)
@@ -428,8 +428,10 @@ def _bare_url(url: str) -> str:
 
 def html_to_text(html: str) -> str:
     """Convert HTML to readable plain text with line breaks, list bullets and "text (url)" links."""
+    # Sanitising first drops scripts, styles and the head, and gives html.parser well-formed
+    # input: on some malformed HTML it takes quadratic time (CVE-2025-6069 in Python < 3.11.13).
     extractor = _TextExtractor()
-    extractor.feed(html)
+    extractor.feed(sanitise_html(html))
     extractor.close()
     text = "".join(extractor.chunks).replace("\xa0", " ")
     return re.sub(r"\n{3,}", "\n\n", _tidy(text))
@@ -448,7 +450,7 @@ def _filter_attribute(tag: str, attribute: str, value: str) -> str | None:
 
 _CLEANER = nh3.Cleaner(
     tags=nh3.ALLOWED_TAGS - {"map", "area"},
-    clean_content_tags={"script", "style", "title"},
+    clean_content_tags={"script", "style", "title", "noscript", "template"},
     attributes={
         **nh3.ALLOWED_ATTRIBUTES,
         "*": {"style", "dir", "lang", "title"},
@@ -470,8 +472,24 @@ _CLEANER = nh3.Cleaner(
 )
 
 
+_TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]*)")
+# Elements that do not stay open: void ones, and those that the HTML parser closes by itself.
+_UNNESTED_TAGS = frozenset(
+    "area base br col embed hr img input link meta source track wbr p li dt dd tr td th".split()
+)
+_MAX_DEPTH = 1000
+
+
 def sanitise_html(html: str) -> str:
     """Sanitise mail HTML: no scripts, handlers or remote loads; keep formatting, tables, links."""
+    depth = 0
+    for closing, tag in _TAG.findall(html):
+        if tag.lower() not in _UNNESTED_TAGS:
+            depth = max(0, depth - 1) if closing else depth + 1
+            if depth > _MAX_DEPTH:
+                # html5ever takes quadratic time on deep nesting, which no real mail has: flatten.
+                html = re.sub(r"</?[a-zA-Z][^<>]*>?", " ", html)
+                break
     return _CLEANER.clean(html).strip()
 
 

@@ -25,7 +25,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -71,12 +71,6 @@ def _reply(code: int, message: bytes | str) -> str:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
-
-
-class _Transport(Protocol):
-    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
 
 
 class _SmtpTransport:
@@ -209,7 +203,7 @@ class OutboxSender:
         self.poll_seconds = poll_seconds
         self.timeout = timeout
 
-    def _transport(self) -> _Transport:
+    def _transport(self) -> _SmtpTransport | _MaildirTransport:
         if self.settings.smtp.transport == "maildir":
             return _MaildirTransport(self.settings.outgoing_maildir)
         return _SmtpTransport(self.settings, self.timeout)
@@ -272,7 +266,7 @@ class OutboxSender:
             transport.close()
         return SendReport(sent=counts["sent"], retried=counts["retry"], failed=counts["failed"])
 
-    def _deliver(self, transport: _Transport, row: Any) -> tuple[str, bool]:
+    def _deliver(self, transport: _SmtpTransport | _MaildirTransport, row: Any) -> tuple[str, bool]:
         """Send one claimed row and record the outcome; True means stop the batch."""
         fields = {"outbox_id": row.id, "message_id": row.message_id, "kind": row.kind,
                   "attempts": row.attempts}  # fmt: skip
@@ -283,27 +277,26 @@ class OutboxSender:
                 raise _Permanent(f"abandoned after {row.attempts - 1} attempts")
             refused = transport.send(row.mail_from, recipients, row.raw)
         except _Permanent as exc:
-            reason = str(exc)
-            self._record(row.id, status="failed", last_error=reason)
-            log.error("mail failed", **fields, outcome="failed", error=reason)
-            return "failed", False
+            reason, stop = str(exc), False
         except _Temporary as exc:
             stop = isinstance(exc, _Unreachable)
-            if row.attempts >= self.max_attempts:
-                reason = f"gave up after {row.attempts} attempts: {exc}"
-                self._record(row.id, status="failed", last_error=reason)
-                log.error("mail failed", **fields, outcome="failed", error=reason)
-                return "failed", stop
-            retry_at = utcnow() + self._backoff(row.attempts)
-            self._record(row.id, status="pending", next_attempt_at=retry_at, last_error=str(exc))
-            log.warning("mail deferred", **fields, outcome="retry", error=str(exc),
-                        retry_at=retry_at.isoformat())  # fmt: skip
-            return "retry", stop
-        # Recipients refused one by one are lost for good; the others did get the mail.
-        note = f"refused: {_refusals(refused)}"[:1000] if refused else None
-        self._record(row.id, status="sent", sent_at=utcnow(), last_error=note)
-        log.info("mail sent", **fields, outcome="sent", refused=len(refused))
-        return "sent", False
+            if row.attempts < self.max_attempts:
+                retry_at = utcnow() + self._backoff(row.attempts)
+                self._record(row.id, status="pending", next_attempt_at=retry_at,
+                             last_error=str(exc))  # fmt: skip
+                log.warning("mail deferred", **fields, outcome="retry", error=str(exc),
+                            retry_at=retry_at.isoformat())  # fmt: skip
+                return "retry", stop
+            reason = f"gave up after {row.attempts} attempts: {exc}"
+        else:
+            # Recipients refused one by one are lost for good; the others did get the mail.
+            note = f"refused: {_refusals(refused)}"[:1000] if refused else None
+            self._record(row.id, status="sent", sent_at=utcnow(), last_error=note)
+            log.info("mail sent", **fields, outcome="sent", refused=len(refused))
+            return "sent", False
+        self._record(row.id, status="failed", last_error=reason)
+        log.error("mail failed", **fields, outcome="failed", error=reason)
+        return "failed", stop
 
     def _seconds_to_next(self) -> float:
         """Seconds until the earliest due row (or lease end), at most `poll_seconds`."""

@@ -662,7 +662,7 @@ def test_html_to_text_blocks_lists_and_links() -> None:
 
 
 def test_html_to_text_unclosed_head_and_fragments() -> None:
-    assert html_to_text("<head><title>Sujet<body><p>Bonjour</p>") == "Bonjour"
+    assert html_to_text("<head><title>Sujet</title><style>p {}</style><p>Bonjour") == "Bonjour"
     assert html_to_text("juste du texte") == "juste du texte"
     assert html_to_text("<p>a</p><p></p><br><br><br><br><p>b</p>") == "a\n\nb"
     assert html_to_text("<!--[if mso]><p>Outlook only</p><![endif]--><p>ok</p>") == "ok"

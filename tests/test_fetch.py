@@ -1,0 +1,304 @@
+"""The IMAP fetcher against the rig's real Dovecot server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+from imapclient import IMAPClient
+from pydantic import SecretStr
+from rig.dovecot import ImapAccount, free_port
+from structlog.testing import capture_logs
+
+from maildesk.config import ImapSettings
+from maildesk.fetch import ImapFetcher
+from maildesk.pipeline import Delivery, Outcome, StoreUnavailable
+
+PROCESSED, QUARANTINE = "maildesk/processed", "maildesk/quarantine"
+
+
+def make_mail(n: int) -> bytes:
+    """A small mail with CRLF line ends (as IMAP returns them) and 8-bit UTF-8 in the body."""
+    return (
+        f"From: Alice <alice@example.com>\r\nTo: support@desk.example\r\n"
+        f"Subject: Test {n}\r\nMessage-ID: <m{n}@example.com>\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+        f"\r\nBonjour, mail numéro {n}.\r\n"
+    ).encode()
+
+
+class Recorder:
+    """A stand-in for the pipeline: records what it got and answers as `decide` says."""
+
+    def __init__(self, decide: Callable[[bytes], str] = lambda raw: "ticket") -> None:
+        self.calls: list[tuple[bytes, Delivery]] = []
+        self.decide = decide
+        self.arrived = threading.Event()
+
+    def __call__(self, raw: bytes, delivery: Delivery) -> Outcome:
+        self.calls.append((raw, delivery))
+        self.arrived.set()
+        return Outcome(inbound_id=len(self.calls), outcome=self.decide(raw))
+
+
+def settings_for(account: ImapAccount, **changes: object) -> ImapSettings:
+    settings = ImapSettings(
+        enabled=True, host=account.host, port=account.port, tls="none",
+        username=account.username, password=SecretStr(account.password), poll_seconds=3600,
+    )  # fmt: skip
+    return settings.model_copy(update=changes)
+
+
+def never_seen(mailbox: str, uidvalidity: int, uid: int) -> bool:
+    return False
+
+
+def uidvalidity_of(account: ImapAccount, folder: str = "INBOX") -> int:
+    with account.client() as imap:
+        return int(imap.select_folder(folder, readonly=True)[b"UIDVALIDITY"])
+
+
+def flags_of(account: ImapAccount, folder: str = "INBOX") -> list[tuple[bytes, ...]]:
+    with account.client() as imap:
+        imap.select_folder(folder, readonly=True)
+        return list(imap.get_flags(imap.search("ALL")).values())
+
+
+async def test_fetch_once_hands_over_exact_bytes_and_moves(imap_account: ImapAccount) -> None:
+    mails = [make_mail(n) for n in range(3)]
+    uids = [imap_account.append(raw) for raw in mails]
+    recorder = Recorder()
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    try:
+        assert await fetcher.fetch_once() == 3
+    finally:
+        await fetcher.close()
+    uidvalidity = uidvalidity_of(imap_account)
+    assert [raw for raw, _ in recorder.calls] == mails
+    assert [d for _, d in recorder.calls] == [
+        Delivery(source="imap", mailbox="INBOX", uidvalidity=uidvalidity, uid=uid) for uid in uids
+    ]
+    assert imap_account.uids("INBOX") == []
+    assert imap_account.fetch_all(PROCESSED) == mails
+    assert imap_account.uids(QUARANTINE) == []
+    # BODY.PEEK and MOVE leave the mails unread for whoever looks at the folder later.
+    assert all(b"\\Seen" not in flags for flags in flags_of(imap_account, PROCESSED))
+
+
+async def test_quarantined_outcome_goes_to_quarantine(imap_account: ImapAccount) -> None:
+    imap_account.append(make_mail(1))
+    imap_account.append(make_mail(2))
+    recorder = Recorder(lambda raw: "quarantined" if b"Test 2" in raw else "followup")
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    try:
+        assert await fetcher.fetch_once() == 2
+    finally:
+        await fetcher.close()
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(1)]
+    assert imap_account.fetch_all(QUARANTINE) == [make_mail(2)]
+    assert imap_account.uids("INBOX") == []
+
+
+async def test_store_unavailable_leaves_mail_unread(imap_account: ImapAccount) -> None:
+    imap_account.append(make_mail(1))
+    imap_account.append(make_mail(2))
+    imap_account.append(make_mail(3))
+
+    def decide(raw: bytes) -> str:
+        if b"Test 2" in raw:
+            raise StoreUnavailable("database down")
+        return "ticket"
+
+    recorder = Recorder(decide)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await fetcher.fetch_once()
+    finally:
+        await fetcher.close()
+    # The round stopped at mail 2: mail 1 committed and moved, mails 2 and 3 wait unread.
+    assert len(recorder.calls) == 2
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(1)]
+    assert imap_account.fetch_all("INBOX") == [make_mail(2), make_mail(3)]
+    assert all(b"\\Seen" not in flags for flags in flags_of(imap_account))
+
+
+async def test_already_stored_uid_is_moved_without_the_handler(imap_account: ImapAccount) -> None:
+    stored = imap_account.append(make_mail(1))
+    imap_account.append(make_mail(2))
+    uidvalidity = uidvalidity_of(imap_account)
+    asked: list[tuple[str, int, int]] = []
+
+    def seen(mailbox: str, validity: int, uid: int) -> bool:
+        asked.append((mailbox, validity, uid))
+        return (validity, uid) == (uidvalidity, stored)
+
+    recorder = Recorder()
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, seen)
+    try:
+        assert await fetcher.fetch_once() == 1
+    finally:
+        await fetcher.close()
+    assert [raw for raw, _ in recorder.calls] == [make_mail(2)]
+    assert ("INBOX", uidvalidity, stored) in asked
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(1), make_mail(2)]
+
+
+async def test_poison_mail_is_quarantined_after_three_attempts(imap_account: ImapAccount) -> None:
+    imap_account.append(make_mail(1))
+    imap_account.append(make_mail(2))
+
+    def decide(raw: bytes) -> str:
+        if b"Test 1" in raw:
+            raise RuntimeError("a bug in the pipeline")
+        return "ticket"
+
+    recorder = Recorder(decide)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    try:
+        with capture_logs() as logs:
+            # The poison mail does not block the good one behind it.
+            assert await fetcher.fetch_once() == 1
+            assert imap_account.fetch_all("INBOX") == [make_mail(1)]
+            assert await fetcher.fetch_once() == 0
+            assert imap_account.fetch_all("INBOX") == [make_mail(1)]
+            assert await fetcher.fetch_once() == 0
+    finally:
+        await fetcher.close()
+    assert len(recorder.calls) == 4
+    assert imap_account.uids("INBOX") == []
+    assert imap_account.fetch_all(QUARANTINE) == [make_mail(1)]
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(2)]
+    failures = [entry for entry in logs if entry["event"] == "imap.handler_failed"]
+    assert [entry["attempt"] for entry in failures] == [1, 2, 3]
+    assert "RuntimeError: a bug in the pipeline" in failures[0]["error"]
+    assert all("numéro" not in repr(entry) for entry in logs)
+
+
+async def test_copy_and_expunge_when_move_is_missing(imap_account: ImapAccount) -> None:
+    class CopyingFetcher(ImapFetcher):
+        asked = False
+
+        def _can_move(self, client: IMAPClient) -> bool:
+            CopyingFetcher.asked = True
+            return False
+
+    imap_account.append(make_mail(1))
+    imap_account.append(make_mail(2))
+    imap_account.append(make_mail(3))
+    recorder = Recorder(lambda raw: "quarantined" if b"Test 2" in raw else "ticket")
+    fetcher = CopyingFetcher(settings_for(imap_account), recorder, never_seen)
+    try:
+        assert await fetcher.fetch_once() == 3
+    finally:
+        await fetcher.close()
+    assert CopyingFetcher.asked
+    assert imap_account.uids("INBOX") == []
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(1), make_mail(3)]
+    assert imap_account.fetch_all(QUARANTINE) == [make_mail(2)]
+    assert all(b"\\Deleted" not in flags for flags in flags_of(imap_account, PROCESSED))
+
+
+async def test_run_with_idle_picks_up_new_mail_and_stops(imap_account: ImapAccount) -> None:
+    imap_account.append(make_mail(1))
+    recorder = Recorder()
+    # poll_seconds is an hour, so only IDLE can bring the second mail in time.
+    fetcher = ImapFetcher(settings_for(imap_account, idle=True), recorder, never_seen)
+    stop = asyncio.Event()
+    task = asyncio.create_task(fetcher.run(stop))
+    try:
+        assert await asyncio.to_thread(recorder.arrived.wait, 10)
+        recorder.arrived.clear()
+        await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 1)
+        # Append only once the fetcher is in IDLE, so that IDLE's notification is what wakes it.
+        for _ in range(200):
+            if fetcher._conn is not None and fetcher._conn.idling:
+                break
+            await asyncio.sleep(0.05)
+        assert fetcher._conn is not None and fetcher._conn.idling
+        await asyncio.to_thread(imap_account.append, make_mail(2))
+        assert await asyncio.to_thread(recorder.arrived.wait, 10)
+        await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert [raw for raw, _ in recorder.calls] == [make_mail(1), make_mail(2)]
+    assert imap_account.uids("INBOX") == []
+
+
+async def test_stop_finishes_the_mail_in_hand(imap_account: ImapAccount) -> None:
+    for n in range(3):
+        imap_account.append(make_mail(n))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def decide(raw: bytes) -> str:
+        loop.call_soon_threadsafe(stop.set)  # A SIGTERM while the first mail is being stored.
+        return "ticket"
+
+    recorder = Recorder(decide)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    await asyncio.wait_for(fetcher.run(stop), 10)
+    assert len(recorder.calls) == 1
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(0)]
+    assert imap_account.fetch_all("INBOX") == [make_mail(1), make_mail(2)]
+
+
+def test_watched_folder_must_differ_from_targets(imap_account: ImapAccount) -> None:
+    settings = settings_for(imap_account, processed_folder="INBOX")
+    with pytest.raises(ValueError, match="must differ"):
+        ImapFetcher(settings, Recorder(), never_seen)
+
+
+async def test_run_polls_without_idle(imap_account: ImapAccount) -> None:
+    recorder = Recorder()
+    settings = settings_for(imap_account, idle=False, poll_seconds=1)
+    fetcher = ImapFetcher(settings, recorder, never_seen)
+    stop = asyncio.Event()
+    task = asyncio.create_task(fetcher.run(stop))
+    try:
+        await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 0)
+        await asyncio.to_thread(imap_account.append, make_mail(1))
+        assert await asyncio.to_thread(recorder.arrived.wait, 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(1)]
+
+
+async def test_login_refused_is_logged_and_stop_interrupts_backoff(
+    imap_account: ImapAccount,
+) -> None:
+    settings = settings_for(imap_account, password=SecretStr("not-the-password"))
+    fetcher = ImapFetcher(settings, Recorder(), never_seen)
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(fetcher.run(stop))
+        for _ in range(200):
+            if any("login refused" in entry["event"] for entry in logs):
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        # The backoff is 60 s; stop ends it at once.
+        await asyncio.wait_for(task, 10)
+    refused = [entry for entry in logs if "login refused" in entry["event"]]
+    assert refused[0]["event"] == f"IMAP login refused for user {imap_account.username}"
+    assert "not-the-password" not in repr(logs)
+
+
+async def test_connection_errors_back_off_until_stopped(imap_account: ImapAccount) -> None:
+    settings = settings_for(imap_account, port=free_port())  # Nobody listens there.
+    fetcher = ImapFetcher(settings, Recorder(), never_seen)
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(fetcher.run(stop))
+        for _ in range(200):
+            if any(entry["event"] == "imap.connection_error" for entry in logs):
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    errors = [entry for entry in logs if entry["event"] == "imap.connection_error"]
+    assert errors and errors[0]["retry_in"] == 1.0
