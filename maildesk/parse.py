@@ -9,6 +9,7 @@ import email.utils
 import mimetypes
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -429,7 +430,7 @@ def _bare_url(url: str) -> str:
 def html_to_text(html: str) -> str:
     """Convert HTML to readable plain text with line breaks, list bullets and "text (url)" links."""
     # Sanitising first drops scripts, styles and the head, and gives html.parser well-formed
-    # input: on some malformed HTML it takes quadratic time (CVE-2025-6069 in Python < 3.11.13).
+    # input: on some malformed HTML it takes quadratic time (CVE-2025-6069, CPython gh-135462).
     extractor = _TextExtractor()
     extractor.feed(sanitise_html(html))
     extractor.close()
@@ -477,19 +478,25 @@ _TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]*)")
 _UNNESTED_TAGS = frozenset(
     "area base br col embed hr img input link meta source track wbr p li dt dd tr td th".split()
 )
-_MAX_DEPTH = 1000
+_MAX_DEPTH = 512  # Go's html parser settled on the same limit for the same reason.
 
 
 def sanitise_html(html: str) -> str:
     """Sanitise mail HTML: no scripts, handlers or remote loads; keep formatting, tables, links."""
+    # html5ever takes quadratic time on deep nesting, which no real mail has: count the elements
+    # left open (an end tag only closes its own kind) and flatten absurd input to text.
+    still_open: Counter[str] = Counter()
     depth = 0
     for closing, tag in _TAG.findall(html):
-        if tag.lower() not in _UNNESTED_TAGS:
-            depth = max(0, depth - 1) if closing else depth + 1
-            if depth > _MAX_DEPTH:
-                # html5ever takes quadratic time on deep nesting, which no real mail has: flatten.
-                html = re.sub(r"</?[a-zA-Z][^<>]*>?", " ", html)
-                break
+        tag = tag.lower()
+        if tag in _UNNESTED_TAGS or (closing and not still_open[tag]):
+            continue
+        step = -1 if closing else 1
+        still_open[tag] += step
+        depth += step
+        if depth > _MAX_DEPTH:
+            html = re.sub(r"</?[a-zA-Z][^<>]*>?", " ", html)
+            break
     return _CLEANER.clean(html).strip()
 
 

@@ -187,6 +187,10 @@ class Pipeline:
             if automatic is None:
                 self._answer_stranger(session, sender, now)
             return _finish(session, inbound, "quarantined", reason=reason)
+        if automatic is not None:
+            # Out-of-office replies and the like are kept, but file nothing and answer nothing:
+            # filing them would notify the agents of every vacation message.
+            return _finish(session, inbound, "ignored", reason=f"automatic: {automatic}")
         failure = classify.authentication_failure(mail, self.settings.security.trusted_authserv_id)
         if failure is not None:
             return _finish(session, inbound, "quarantined", reason=failure)
@@ -210,9 +214,6 @@ class Pipeline:
             )
             return _finish(session, inbound, "followup", ticket=found.ticket,
                            reason=found.matched_by)
-        if automatic is not None:
-            # An out-of-office reply that threads nowhere opens no ticket and gets no answer.
-            return _finish(session, inbound, "ignored", reason=f"automatic: {automatic}")
         ticket = open_ticket(session, account=account, mail=mail)
         message = add_message(
             session, state_dir=self.settings.desk.state_dir, ticket=ticket, mail=mail,
