@@ -43,7 +43,9 @@ def body_text(mail: EmailMessage) -> str:
     return part.get_content()  # type: ignore[no-any-return]
 
 
-def open_ticket(desk: RunningDesk, imap: ImapAccount, smtp: RecordingSMTPServer) -> dict[str, EmailMessage]:
+def open_ticket(
+    desk: RunningDesk, imap: ImapAccount, smtp: RecordingSMTPServer
+) -> dict[str, EmailMessage]:
     """Customer mail in through IMAP; returns the acknowledgement and the agent's copy."""
     imap.append(customer_mail().as_bytes())
     mails = by_recipient(smtp.wait_for(count=2, timeout=30))
@@ -85,6 +87,12 @@ def test_a_customer_mail_becomes_ticket_1_and_is_acknowledged(
     agent_copy = mails[AGENT]
     assert ORIGINAL_PHRASE in body_text(agent_copy)
     assert agent_copy["Auto-Submitted"] == "auto-generated"
+    # One log line per mail with its outcome, and never a body or a secret.
+    log = desk.log_path.read_text(encoding="utf-8")
+    [processed] = [e for e in desk.log_events() if e.get("event") == "mail processed"]
+    assert (processed["outcome"], processed["ticket"]) == ("ticket", 1)
+    for secret in (ORIGINAL_PHRASE, "échoue", "test-reply-key", imap_account.password):
+        assert secret not in log
 
 
 def test_an_agent_answer_reaches_the_customer_from_the_support_address(
