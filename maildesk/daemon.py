@@ -21,8 +21,8 @@ from maildesk.send import OutboxSender
 log = get_logger("daemon")
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Run every enabled stage until `stop` is set."""
+async def serve(settings: Settings, stop: asyncio.Event) -> bool:
+    """Run every enabled stage until `stop` is set; False if a stage failed."""
     engine = database.make_engine(settings.store_url)
     database.check_schema(engine)
     loop = asyncio.get_running_loop()
@@ -47,12 +47,15 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         listener=f"{settings.listener.host}:{listener.port}" if listener else None,
         transport=settings.smtp.transport,
     )
+    failed = False
     try:
         done, _pending = await asyncio.wait(
             [asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
         )
         for task in done:
             if task in tasks and task.exception() is not None:
+                # A stage that died stops the daemon, so that systemd restarts it whole.
+                failed = True
                 log.error("stage failed", stage=task.get_name(), error=repr(task.exception()))
     finally:
         stop.set()
@@ -61,17 +64,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         engine.dispose()
         log.info("stopped")
+    return not failed
 
 
 def run_daemon(settings: Settings) -> int:
     """Run the daemon in the foreground until a signal asks it to stop."""
 
-    async def main() -> None:
+    async def main() -> bool:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(settings, stop)
+        return await serve(settings, stop)
 
-    asyncio.run(main())
-    return 0
+    return 0 if asyncio.run(main()) else 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -15,7 +16,9 @@ import structlog
 _SECRET_WORDS = ("password", "secret", "key", "token", "body", "text", "html")
 
 
-def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _drop_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Replace the values of keys that name a secret or a body."""
     for name in list(event):
         if name != "event" and any(word in name.lower() for word in _SECRET_WORDS):

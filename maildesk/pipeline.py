@@ -29,7 +29,14 @@ log = get_logger("pipeline")
 
 # Failures after which the sender should simply try again: the database is down or busy, or
 # the disk is full. Anything else is a bug or a bad mail, and goes to quarantine.
-_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, OSError)
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
+
+
+def _is_temporary(exc: Exception) -> bool:
+    """Whether the sender should try again later rather than have the mail quarantined."""
+    # A system error carries an errno (disk full, permission denied); other OSError
+    # subclasses, such as jinja2's TemplateNotFound, are bugs in the installation.
+    return isinstance(exc, _UNAVAILABLE) or (isinstance(exc, OSError) and exc.errno is not None)
 
 
 class StoreUnavailable(Exception):
@@ -74,14 +81,14 @@ class Pipeline:
         settings: Settings,
         engine: sa.Engine,
         *,
-        on_commit: Callable[[], None] | None = None,
+        on_commit: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.reply_key = load_reply_key(settings)
         self.notifier = Notifier(settings, self.reply_key)
         # Called after each commit that may have queued mail, to wake the sender.
-        self.on_commit = on_commit or (lambda: None)
+        self.on_commit: Callable[[], object] = on_commit or (lambda: None)
 
     def seen(self, mailbox: str, uidvalidity: int, uid: int) -> bool:
         """Whether the IMAP mail with that UID was already stored."""
@@ -101,10 +108,10 @@ class Pipeline:
         started = time.monotonic()
         try:
             outcome = self._process(raw, delivery)
-        except _UNAVAILABLE as exc:
-            log.warning("store unavailable", source=delivery.source, error=str(exc))
-            raise StoreUnavailable(str(exc)) from exc
         except Exception as exc:
+            if _is_temporary(exc):
+                log.warning("store unavailable", source=delivery.source, error=str(exc))
+                raise StoreUnavailable(str(exc)) from exc
             # The error boundary: a bug on one mail must not stop the desk. The mail is kept
             # in quarantine with the reason, for a person to look at, and the next one goes on.
             log.exception("mail failed", source=delivery.source, uid=delivery.uid)
@@ -274,7 +281,14 @@ class Pipeline:
         ).first()
         if already is None:
             locale = sender.account.locale if sender.account else None
-            self.notifier.answer_unknown_sender(session, address=sender.address, locale=locale)
+            try:
+                self.notifier.answer_unknown_sender(
+                    session, address=sender.address, locale=locale
+                )
+            except ValueError:
+                # An address we cannot write a header for gets no answer; the mail is still
+                # kept in quarantine.
+                log.info("no answer to an unusable address")
 
     def _quarantine_after_error(self, raw: bytes, delivery: Delivery, exc: Exception) -> Outcome:
         digest, raw_path = save_raw(self.settings.desk.state_dir, raw)

@@ -96,7 +96,8 @@ def add_message(
     author_kind = "agent" if agent is not None else "customer"
     message = Message(
         ticket_id=ticket.id,  # type: ignore[arg-type]
-        direction="in",
+        # An agent's answer is what goes out to the customer; everything else came in.
+        direction="out" if agent is not None else "in",
         author_kind=author_kind,
         author_email=mail.from_address,
         author_name=(agent.name if agent else account.name if account else mail.from_name)[:200],

@@ -1,0 +1,129 @@
+"""The pipeline in-process, on SQLite and PostgreSQL: one mail, one transaction, one outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from e2e import AGENT, CUSTOMER, DESK, customer_mail, seed
+from sqlmodel import Session, select
+
+from maildesk import database, directory
+from maildesk.config import DeskSettings, SecuritySettings, Settings
+from maildesk.models import Attachment, InboundMail, Message, Outbox, Ticket
+from maildesk.notify import Notifier
+from maildesk.pipeline import Delivery, Pipeline, StoreUnavailable
+from maildesk.signing import reply_address
+from maildesk.store import ATTACHMENTS_DIR, content_path
+
+DATA = Path(__file__).parent / "data"
+IMAP = Delivery(source="imap", mailbox="INBOX", uidvalidity=7, uid=1)
+SMTP = Delivery(source="smtp", envelope_from=CUSTOMER, recipients=(DESK,))
+
+
+@pytest.fixture
+def pipeline(engine: sa.Engine, tmp_path: Path) -> Pipeline:
+    settings = Settings(
+        desk=DeskSettings(address=DESK, state_dir=tmp_path / "state"),
+        security=SecuritySettings(reply_key="k"),  # type: ignore[arg-type]
+    )
+    seed(engine)
+    return Pipeline(settings, engine)
+
+
+def rows(engine: sa.Engine, model: type) -> list:  # type: ignore[type-arg]
+    with Session(engine) as session:
+        return list(session.exec(select(model)))
+
+
+def test_a_new_ticket_and_its_notifications_commit_together(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    outcome = pipeline.process(customer_mail().as_bytes(), IMAP)
+    assert (outcome.outcome, outcome.ticket_id) == ("ticket", 1)
+    assert [(o.kind, o.recipients) for o in rows(engine, Outbox)] == [
+        ("acknowledgement", f'["{CUSTOMER}"]'), ("new_ticket", f'["{AGENT}"]'),
+    ]
+    assert pipeline.seen("INBOX", 7, 1) and not pipeline.seen("INBOX", 7, 2)
+
+
+def test_the_same_mail_twice_is_filed_once(pipeline: Pipeline, engine: sa.Engine) -> None:
+    raw = customer_mail().as_bytes()
+    first = pipeline.process(raw, SMTP)
+    again = pipeline.process(raw, SMTP)
+    assert again.outcome == "duplicate" and again.inbound_id == first.inbound_id
+    assert len(rows(engine, Ticket)) == 1 and len(rows(engine, Outbox)) == 2
+
+
+def test_attachments_are_stored_by_content_hash(pipeline: Pipeline, engine: sa.Engine) -> None:
+    # The sample was sent by someone who is an agent in this desk; make it a customer's.
+    raw = (DATA / "outlook_attachment_accented_name.eml").read_bytes()
+    raw = raw.replace(b"alice.martin@vendor.example", CUSTOMER.encode())
+    assert pipeline.process(raw, SMTP).outcome == "ticket"
+    [attachment] = rows(engine, Attachment)
+    assert attachment.filename == "Facture_réglée_n°12.pdf"
+    stored = content_path(pipeline.settings.desk.state_dir, ATTACHMENTS_DIR, attachment.sha256)
+    assert stored.stat().st_size == attachment.size
+
+
+def test_a_deactivated_account_opens_nothing(pipeline: Pipeline, engine: sa.Engine) -> None:
+    with database.session_scope(engine) as session:
+        directory.deactivate_account(session, email=CUSTOMER, actor="t")
+    outcome = pipeline.process(customer_mail().as_bytes(), SMTP)
+    assert (outcome.outcome, outcome.reason) == ("quarantined", "account deactivated")
+    assert rows(engine, Ticket) == []
+    assert [o.kind for o in rows(engine, Outbox)] == ["unknown_sender"]
+
+
+def test_an_agent_needs_a_reply_address_signed_for_them(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    pipeline.process(customer_mail().as_bytes(), SMTP)
+    unsigned = customer_mail(sender=AGENT, subject="Re: [#1]", text="Réponse")
+    assert pipeline.process(unsigned.as_bytes(), SMTP).reason == (
+        "agent mail without a signed reply address"
+    )
+    # The customer's own signed address does not let an agent (or anyone) answer as the desk.
+    customers = reply_address(pipeline.reply_key, DESK, 1, CUSTOMER)
+    stolen = customer_mail(sender=AGENT, to=customers, text="Réponse")
+    assert pipeline.process(stolen.as_bytes(), SMTP).outcome == "quarantined"
+    signed = customer_mail(sender=AGENT, to=reply_address(pipeline.reply_key, DESK, 1, AGENT),
+                           text="Voici la réponse.\n\nLe lun. 1 déc. 2026, Claire a écrit :\n> x")
+    outcome = pipeline.process(signed.as_bytes(), SMTP)
+    assert (outcome.outcome, outcome.ticket_id) == ("answer", 1)
+    answer = rows(engine, Message)[-1]
+    assert (answer.direction, answer.author_kind, answer.text) == ("out", "agent",
+                                                                   "Voici la réponse.")
+    assert rows(engine, Outbox)[-1].kind == "answer"
+
+
+def test_an_automatic_mail_from_a_customer_is_kept_and_not_answered(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    ooo = customer_mail(Auto_Submitted="auto-replied", subject="Absence")
+    outcome = pipeline.process(ooo.as_bytes(), SMTP)
+    assert (outcome.outcome, outcome.reason) == ("ignored", "automatic: auto-submitted")
+    assert rows(engine, Outbox) == [] and rows(engine, Ticket) == []
+
+
+def test_a_bug_on_one_mail_quarantines_it_and_leaves_nothing_half_done(
+    pipeline: Pipeline, engine: sa.Engine, tmp_path: Path
+) -> None:
+    # Templates that are not there make the notify stage fail after the ticket was created.
+    pipeline.notifier = Notifier(pipeline.settings, pipeline.reply_key, tmp_path / "none")
+    outcome = pipeline.process(customer_mail().as_bytes(), SMTP)
+    assert (outcome.outcome, outcome.reason) == ("quarantined", "internal error: TemplateNotFound")
+    assert rows(engine, Ticket) == [] and rows(engine, Outbox) == []
+    [held] = rows(engine, InboundMail)
+    assert held.outcome == "quarantined"
+
+
+def test_an_unreachable_database_says_try_again(tmp_path: Path) -> None:
+    engine = database.make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    settings = Settings(
+        desk=DeskSettings(address=DESK, state_dir=tmp_path),
+        security=SecuritySettings(reply_key="k"),  # type: ignore[arg-type]
+    )
+    with pytest.raises(StoreUnavailable):
+        Pipeline(settings, engine).process(customer_mail().as_bytes(), SMTP)
