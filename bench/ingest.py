@@ -233,6 +233,13 @@ def baseline(imap: ImapAccount) -> float:
         return len(uids) / (time.perf_counter() - started)
 
 
+def kill_if_running(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process unless it has already exited (a clean stop came first)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def log_events(path: Path) -> list[dict[str, Any]]:
     """The daemon's JSON log lines; anything else (a traceback) is skipped."""
     events = []
@@ -261,8 +268,8 @@ def wait_drained(proc: subprocess.Popen[bytes], imap: ImapAccount, engine: sa.En
                 # Each mail leaves the INBOX only after its transaction committed, so every
                 # Outbox row that will ever exist for these mails exists by now.
                 with engine.connect() as conn:
-                    statuses = dict(conn.execute(
-                        sa.select(Outbox.status, sa.func.count()).group_by(Outbox.status)).all())
+                    query = sa.text("SELECT status, count(*) FROM outbox GROUP BY status")
+                    statuses = {status: count for status, count in conn.execute(query)}
                 if statuses.get("failed"):
                     raise BenchError(f"{statuses['failed']} outgoing mails failed")
                 if set(statuses) <= {"sent"} and len(smtp.mails) >= statuses.get("sent", 0):
@@ -270,15 +277,33 @@ def wait_drained(proc: subprocess.Popen[bytes], imap: ImapAccount, engine: sa.En
             time.sleep(0.2)
 
 
+@dataclass
+class Measures:
+    """What the run measured, in seconds from maildesk's start unless said otherwise."""
+
+    fill: float  # APPENDing the mails, not timed against anything
+    baseline: float  # mails per second
+    startup: float  # until the "started" log line
+    empty: float  # until the INBOX was seen empty
+    done: float  # until the last outgoing mail reached the SMTP server
+
+
 def check(plan: Plan, engine: sa.Engine, imap: ImapAccount, smtp: RecordingSMTPServer,
-          events: list[dict[str, Any]]) -> tuple[list[tuple[bool, str]], Counter[str]]:
-    """Compare what maildesk stored and sent with the plan; returns the checks and Outbox kinds."""
+          events: list[dict[str, Any]]) -> tuple[list[tuple[bool, str]], Counter[str], list[float]]:
+    """Compare what maildesk stored and sent with the plan.
+
+    Returns the checks, the Outbox rows by kind, and how long each acknowledgement waited in
+    the Outbox (seconds from its commit to its delivery), sorted.
+    """
     planned = Counter(plan.kinds.values())
     with database.session_scope(engine) as session:
         rows = {row.message_id: row for row in session.exec(select(InboundMail))}
         inbound = session.exec(select(sa.func.count()).select_from(InboundMail)).one()
         tickets = session.exec(select(sa.func.count()).select_from(Ticket)).one()
-        kinds = Counter(session.exec(select(Outbox.kind)).all())
+        outbox = session.exec(select(Outbox.kind, Outbox.created_at, Outbox.sent_at)).all()
+    kinds = Counter(kind for kind, _, _ in outbox)
+    waits = sorted((sent - created).total_seconds() for kind, created, sent in outbox
+                   if kind == "acknowledgement" and sent is not None)
     expected_kinds = Counter(acknowledgement=planned["ticket"], new_ticket=2 * planned["ticket"],
                              followup=2 * planned["followup"], unknown_sender=len(plan.strangers))
     outcome = {"ticket": "ticket", "followup": "followup", "unknown": "quarantined"}
@@ -296,17 +321,55 @@ def check(plan: Plan, engine: sa.Engine, imap: ImapAccount, smtp: RecordingSMTPS
         (not wrong, f"every mail has its planned outcome ({len(wrong)} wrong)"),
         (tickets == planned["ticket"], f"tickets {tickets} == new-ticket mails"),
         (not astray, f"every follow-up landed on its parent's ticket ({len(astray)} astray)"),
-        (kinds == expected_kinds, f"Outbox kinds {dict(kinds)} as expected"),
+        (kinds == expected_kinds, f"Outbox rows by kind as expected: {dict(kinds)}"),
         (len(sent_ids) == len(set(sent_ids)) == kinds.total(),
          f"SMTP got {len(sent_ids)} mails, {len(set(sent_ids))} distinct, == Outbox rows"),
         (folders["INBOX"] == 0, f"INBOX empty ({folders['INBOX']})"),
         (folders["maildesk/processed"] == planned["ticket"] + planned["followup"],
-         f"processed folder holds {folders['maildesk/processed']} filed mails"),
+         f"processed folder holds the {folders['maildesk/processed']} filed mails"),
         (folders["maildesk/quarantine"] == planned["unknown"],
-         f"quarantine folder holds {folders['maildesk/quarantine']} unknown senders' mails"),
+         f"quarantine folder holds the {folders['maildesk/quarantine']} strangers' mails"),
         (logged == len(plan.raws), f'{logged} "mail processed" log lines == N'),
     ]
-    return checks, kinds
+    return checks, kinds, waits or [0.0]
+
+
+def spread(values: list[float]) -> str:
+    """Median, 95th percentile and maximum of sorted values."""
+    p95 = values[max(0, round(len(values) * 0.95) - 1)]
+    return f"median {statistics.median(values):.1f}, p95 {p95:.1f}, max {values[-1]:.1f}"
+
+
+def report(n: int, plan: Plan, measures: Measures, events: list[dict[str, Any]],
+           checks: list[tuple[bool, str]], kinds: Counter[str], waits: list[float]) -> None:
+    """Print the figures and the checks."""
+    m = measures
+    planned = Counter(plan.kinds.values())
+    processed = [e for e in events if e.get("event") == "mail processed"]
+    outcomes = Counter(e.get("outcome") for e in processed)
+    millis = sorted(float(e.get("ms", 0)) for e in processed) or [0.0]
+    troubles = Counter(f"{e.get('level')}: {e.get('event')}" for e in events
+                       if e.get("level") in ("warning", "error", "critical"))
+    rate, rate_up = n / m.done, n / (m.done - m.startup)
+    print(f"maildesk ingest benchmark: N={n}, {sum(map(len, plan.raws)) / 1e6:.1f} MB "
+          f"(INBOX filled in {m.fill:.1f} s, not timed)")
+    print(f"  mix: {planned['ticket']} new tickets ({plan.attachments} with a PDF), "
+          f"{planned['followup']} follow-ups, {planned['unknown']} mails from "
+          f"{len(plan.strangers)} unknown senders")
+    print(f"  baseline (FETCH by 50 + email parse, best of 2) {m.baseline:7.1f} mails/s")
+    print(f"  maildesk end to end, {m.done:6.1f} s             {rate:7.1f} mails/s"
+          f"  ratio {rate / m.baseline:.3f}")
+    print(f"  maildesk after start-up, {m.done - m.startup:6.1f} s         {rate_up:7.1f} mails/s"
+          f"  ratio {rate_up / m.baseline:.3f}  (start-up {m.startup:.2f} s)")
+    print(f"  INBOX seen empty at {m.empty:.1f} s ({n / m.empty:.1f} mails/s filed), "
+          f"last outgoing mail at {m.done:.1f} s")
+    print(f"  pipeline ms per mail (log): {spread(millis)}")
+    print(f"  acknowledgement s in Outbox: {spread(waits)}")
+    print(f"  tickets {outcomes['ticket']}, follow-ups {outcomes['followup']}, quarantined "
+          f"{outcomes['quarantined']}; outgoing mails {kinds.total()}")
+    print(f"  log: mail processed {dict(outcomes)}; warnings/errors: {dict(troubles) or 'none'}")
+    for ok, text in checks:
+        print(f"  {'ok  ' if ok else 'FAIL'} {text}")
 
 
 def run(args: argparse.Namespace, base: Path, cleanup: contextlib.ExitStack) -> int:
@@ -323,6 +386,7 @@ def run(args: argparse.Namespace, base: Path, cleanup: contextlib.ExitStack) -> 
     cleanup.callback(engine.dispose)
     database.upgrade(engine)
     plan = generate(args.n, seed(engine), random.Random(args.seed))
+
     started = time.perf_counter()
     with imap.client() as client:
         for raw in plan.raws:
@@ -343,7 +407,7 @@ def run(args: argparse.Namespace, base: Path, cleanup: contextlib.ExitStack) -> 
         proc = subprocess.Popen([*command, "--config", str(config), "run"], stdout=out,
                                 stderr=subprocess.STDOUT,
                                 preexec_fn=die_with_parent(signal.SIGKILL))
-    cleanup.callback(lambda: proc.poll() is None and proc.kill())
+    cleanup.callback(kill_if_running, proc)
     empty, done = (at - began for at in wait_drained(proc, imap, engine, smtp, deadline, log))
     proc.send_signal(signal.SIGTERM)
     try:
@@ -354,38 +418,12 @@ def run(args: argparse.Namespace, base: Path, cleanup: contextlib.ExitStack) -> 
     events = log_events(log)
     start_line = next((e for e in events if e.get("event") == "started"), None)
     if start_line is None:
-        raise BenchError(f"no \"started\" line in {log}")
+        raise BenchError(f'no "started" line in {log}')
     startup = datetime.fromisoformat(start_line["timestamp"]).timestamp() - began_wall
-    processed = [e for e in events if e.get("event") == "mail processed"]
-    outcomes = Counter(e.get("outcome") for e in processed)
-    millis = sorted(float(e.get("ms", 0)) for e in processed) or [0.0]
-    troubles = Counter(f"{e.get('level')}: {e.get('event')}" for e in events
-                       if e.get("level") in ("warning", "error", "critical"))
-    checks, kinds = check(plan, engine, imap, smtp, events)
+    checks, kinds, waits = check(plan, engine, imap, smtp, events)
     checks.append((code == 0, f"maildesk exited with {code} after SIGTERM"))
-    planned = Counter(plan.kinds.values())
-    size = sum(map(len, plan.raws)) / 1e6
-
-    rate, rate_up = args.n / done, args.n / (done - startup)
-    print(f"maildesk ingest benchmark, N={args.n} ({size:.1f} MB; fill, not timed: {fill:.1f} s)")
-    print(f"  mix: {planned['ticket']} new tickets ({plan.attachments} with a PDF), "
-          f"{planned['followup']} follow-ups, {planned['unknown']} mails from "
-          f"{len(plan.strangers)} unknown senders")
-    print(f"  baseline (FETCH 50 + email parse, best of 2): {base_rate:8.1f} mails/s")
-    print(f"  maildesk end to end ({done:.1f} s):           {rate:8.1f} mails/s  "
-          f"ratio {rate / base_rate:.3f}")
-    print(f"  maildesk after start-up ({startup:.2f} s):      {rate_up:8.1f} mails/s  "
-          f"ratio {rate_up / base_rate:.3f}")
-    print(f"  INBOX seen empty after {empty:.1f} s (polled every 0.2 s), "
-          f"last outgoing mail after {done:.1f} s")
-    print(f"  pipeline time per mail (log ms): median {statistics.median(millis):.1f}, "
-          f"p95 {millis[int(len(millis) * 0.95) - 1]:.1f}, max {millis[-1]:.1f}")
-    print(f"  stored: {outcomes['ticket']} tickets, {outcomes['followup']} follow-ups, "
-          f"{outcomes['quarantined']} quarantined; {kinds.total()} outgoing mails "
-          f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
-    print(f"  log outcomes: {dict(outcomes)}; warnings/errors: {dict(troubles) or 'none'}")
-    for ok, text in checks:
-        print(f"  {'ok  ' if ok else 'FAIL'} {text}")
+    report(args.n, plan, Measures(fill, base_rate, startup, empty, done), events,
+           checks, kinds, waits)
     return 0 if all(ok for ok, _ in checks) else 1
 
 
