@@ -66,8 +66,8 @@ PARAGRAPHS = {
            "Could you have a look? Several colleagues are blocked.",
            "We already cleared the browser cache, to no avail.", "Thanks in advance,"],
 }
-REPLIES = {"fr": "Toujours le même problème aujourd'hui, avez-vous du nouveau ?",
-           "en": "Still the same problem today, any news?"}
+REPLIES = {"fr": ("Toujours le même problème aujourd'hui, avez-vous du nouveau ?", "a écrit :"),
+           "en": ("Still the same problem today, any news?", "wrote:")}
 # cProfile sees only the thread that enabled it, and maildesk files every mail in worker threads
 # (asyncio.to_thread), so each new thread gets a profiler of its own and all are merged at exit.
 PROFILED_MAIN = """
@@ -160,7 +160,8 @@ def generate(n: int, accounts: list[tuple[str, str, str]], rng: random.Random) -
             # Message-ID of the mail that opened it, which holds whatever the numbering.
             sender, locale, subject, text, parent = rng.choice(opened)
             quoted = "\n".join(f"> {line}" for line in text.splitlines())
-            reply = f"{REPLIES[locale]}\n\n{sender[0]}\n\n{sender[0]} wrote:\n{quoted}\n"
+            news, wrote = REPLIES[locale]
+            reply = f"{news}\n\n{sender[0]}\n\n{sender[0]} {wrote}\n{quoted}\n"
             mail = make_mail(sender, f"Re: {subject}", reply, rng=rng, parent=parent)
             plan.parents[mail["Message-ID"]] = parent
             kind = "followup"
@@ -251,8 +252,10 @@ def log_events(path: Path) -> list[dict[str, Any]]:
 
 def wait_drained(proc: subprocess.Popen[bytes], imap: ImapAccount, engine: sa.Engine,
                  smtp: TimedSMTPServer, deadline: float, log: Path) -> tuple[float, float]:
-    """Wait until the INBOX is empty and every Outbox row reached the SMTP server; return when
-    the INBOX was seen empty and when the last outgoing mail arrived."""
+    """Wait until the INBOX is empty and every Outbox row has reached the SMTP server.
+
+    Returns the monotonic times when the INBOX was seen empty and when the last mail arrived.
+    """
     empty_at: float | None = None
     with imap.client() as watcher:
         while True:

@@ -162,8 +162,8 @@ class Pipeline:
                 envelope_from=(delivery.envelope_from or "")[:320] or None,
                 attempts=1,
             )
-            session.add(inbound)
-            session.flush()
+            # The row is added only when the first write is due (see _persist): SQLite takes
+            # its write lock at the first INSERT, and parsing and routing need none.
             return self._file(session, inbound, raw, delivery, released=False)
 
     def _file(
@@ -209,6 +209,7 @@ class Pipeline:
         assert account is not None and company is not None
         text = strip_quoted_reply(mail.text)
         agents = directory.agents_for(session, company)
+        _persist(session, inbound)
         if found is not None:
             message = add_message(
                 session, state_dir=self.settings.desk.state_dir, ticket=found.ticket, mail=mail,
@@ -256,6 +257,7 @@ class Pipeline:
                            reason="agent mail without a signed reply address")
         account = session.get(Account, ticket.account_id)
         assert account is not None and sender.agent is not None
+        _persist(session, inbound)
         message = add_message(
             session, state_dir=self.settings.desk.state_dir, ticket=ticket, mail=mail,
             text=strip_quoted_reply(mail.text), inbound_mail_id=inbound.id,
@@ -305,6 +307,12 @@ class Pipeline:
                 return _finish(session, inbound, "quarantined", reason=reason)
         except _UNAVAILABLE as unavailable:
             raise StoreUnavailable(str(unavailable)) from unavailable
+
+
+def _persist(session: Session, inbound: InboundMail) -> None:
+    """Write the mail's ledger row, so that what follows can refer to its id."""
+    session.add(inbound)
+    session.flush()
 
 
 def _finish(
