@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email import policy
 from email.parser import BytesHeaderParser
 from typing import Any
@@ -18,6 +20,18 @@ from maildesk.store import read_raw
 
 class NotFound(Exception):
     """The ticket or quarantined mail asked for does not exist."""
+
+
+@contextmanager
+def _reading(settings: Settings) -> Iterator[Session]:
+    """A read session on a database whose schema is current."""
+    engine = database.make_engine(settings.store_url)
+    try:
+        database.check_schema(engine)
+        with Session(engine) as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 def _iso(value: Any) -> str | None:
@@ -72,14 +86,11 @@ def _print(value: Any) -> None:
 
 def cmd_tickets_list(args: argparse.Namespace, settings: Settings) -> int:
     """List tickets, newest first."""
-    engine = database.make_engine(settings.store_url)
-    database.check_schema(engine)
-    with Session(engine) as session:
+    with _reading(settings) as session:
         query = select(Ticket).order_by(col(Ticket.id).desc())
         if args.status:
             query = query.where(Ticket.status == args.status)
         views = [ticket_view(session, t, with_text=args.json) for t in session.exec(query)]
-    engine.dispose()
     if args.json:
         _print(views)
         return 0
@@ -93,14 +104,11 @@ def cmd_tickets_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one ticket and its thread."""
-    engine = database.make_engine(settings.store_url)
-    database.check_schema(engine)
-    with Session(engine) as session:
+    with _reading(settings) as session:
         ticket = session.get(Ticket, args.ref)
         if ticket is None:
             raise NotFound(f"no ticket #{args.ref}")
         view = ticket_view(session, ticket, with_text=True)
-    engine.dispose()
     if args.json:
         _print(view)
         return 0
@@ -136,9 +144,7 @@ def _quarantine_view(settings: Settings, inbound: InboundMail) -> dict[str, Any]
 
 def cmd_quarantine_list(args: argparse.Namespace, settings: Settings) -> int:
     """List the mails held in quarantine."""
-    engine = database.make_engine(settings.store_url)
-    database.check_schema(engine)
-    with Session(engine) as session:
+    with _reading(settings) as session:
         held = session.exec(
             select(InboundMail)
             .where(InboundMail.outcome == "quarantined")
@@ -146,7 +152,6 @@ def cmd_quarantine_list(args: argparse.Namespace, settings: Settings) -> int:
         ).all()
         views = [_quarantine_view(settings, inbound) for inbound in held]
         total = session.exec(select(func.count()).select_from(InboundMail)).one()
-    engine.dispose()
     if args.json:
         _print(views)
         return 0
@@ -161,14 +166,11 @@ def cmd_quarantine_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one quarantined mail: why it was held, and its text."""
     from maildesk.parse import MalformedMail, parse_mail
 
-    engine = database.make_engine(settings.store_url)
-    database.check_schema(engine)
-    with Session(engine) as session:
+    with _reading(settings) as session:
         inbound = session.get(InboundMail, args.id)
         if inbound is None or inbound.outcome != "quarantined":
             raise NotFound(f"no quarantined mail with id {args.id}")
         view = _quarantine_view(settings, inbound)
-    engine.dispose()
     raw = read_raw(settings.desk.state_dir, inbound.raw_path)
     try:
         view["text"] = parse_mail(raw).text
