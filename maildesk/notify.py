@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.policy
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
@@ -25,6 +26,7 @@ from maildesk.config import Settings
 from maildesk.models import Account, Agent, Attachment, Company, Message, Outbox, Ticket, utcnow
 from maildesk.parse import REPLY_ABOVE_MARKER
 from maildesk.signing import reply_address
+from maildesk.store import ATTACHMENTS_DIR, content_path
 
 LOCALES = ("fr", "en")
 # Enough history for any client to thread the mail; the first id and the newest ones matter most.
@@ -142,7 +144,7 @@ class Notifier:
         sender = Address(name, addr_spec=desk.address)
         return self._enqueue(
             session, "answer", rendered, locale, _to(account.name, account.email),
-            ticket=ticket, parent=message, sender=sender,
+            ticket=ticket, parent=message, sender=sender, files=_attachment_rows(session, message),
         )
 
     def answer_unknown_sender(
@@ -168,6 +170,9 @@ class Notifier:
         if not company.after_hours and any(a.region.upper() == "US" for a in agents):
             raise ValueError(f"company {company.id} has no after-hours support: no US agents")
         attachments = _attachments(session, message)
+        # Agents get the files themselves, not only their names: they answer from their mail
+        # client and have nowhere else to open them.
+        files = _attachment_rows(session, message)
         sent = []
         for agent in agents:
             # Agents have no locale of their own: the US team reads English, the others the
@@ -179,9 +184,21 @@ class Notifier:
             )
             sent.append(self._enqueue(
                 session, kind, rendered, locale, _to(agent.name, agent.email),
-                ticket=ticket, parent=message, auto="auto-generated",
+                ticket=ticket, parent=message, auto="auto-generated", files=files,
             ))
         return sent
+
+    def _attach(self, msg: EmailMessage, row: Attachment) -> None:
+        path = content_path(self.settings.desk.state_dir, ATTACHMENTS_DIR, row.sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            # Erased under the retention rules; the text still names it.
+            return
+        maintype, _, subtype = row.content_type.partition("/")
+        if not maintype or not subtype:
+            maintype, subtype = "application", "octet-stream"
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=row.filename)
 
     def _locale(self, wanted: str | None) -> str:
         code = (wanted or "").strip().lower()[:2]
@@ -210,7 +227,7 @@ class Notifier:
     def _enqueue(
         self, session: Session, kind: str, rendered: _Rendered, locale: str, to: Address, *,
         ticket: Ticket | None, parent: Message | None, auto: str | None = None,
-        sender: Address | None = None,
+        sender: Address | None = None, files: Sequence[Attachment] = (),
     ) -> Outbox:
         desk = self.settings.desk
         msg = EmailMessage(policy=POLICY)
@@ -237,6 +254,8 @@ class Notifier:
         # Quoted-printable keeps the body 7-bit, so any relay takes it, and stays readable.
         msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
         msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
+        for row in files:
+            self._attach(msg, row)
         # Set last: set_content() and add_alternative() move or drop Content-* headers.
         msg["Content-Language"] = locale
         outbox = Outbox(
@@ -266,6 +285,13 @@ def _attachments(session: Session, message: Message) -> list[dict[str, Any]]:
         select(Attachment).where(Attachment.message_id == message.id).order_by(col(Attachment.id))
     )
     return [{"name": row.filename, "inline": row.inline} for row in rows]
+
+
+def _attachment_rows(session: Session, message: Message) -> list[Attachment]:
+    if message.id is None:
+        return []
+    query = select(Attachment).where(Attachment.message_id == message.id)
+    return list(session.exec(query.order_by(col(Attachment.id))))
 
 
 def _thread(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,12 @@ def test_attachments_are_stored_by_content_hash(pipeline: Pipeline, engine: sa.E
     assert attachment.filename == "Facture_réglée_n°12.pdf"
     stored = content_path(pipeline.settings.desk.state_dir, ATTACHMENTS_DIR, attachment.sha256)
     assert stored.stat().st_size == attachment.size
+    # The agents get the file itself; the customer's acknowledgement carries nothing of it.
+    mails = {o.kind: message_from_bytes(o.raw, policy=policy.default) for o in rows(engine, Outbox)}
+    [sent] = list(mails["new_ticket"].iter_attachments())
+    assert sent.get_filename() == "Facture_réglée_n°12.pdf"
+    assert sent.get_content() == stored.read_bytes()
+    assert list(mails["acknowledgement"].iter_attachments()) == []
 
 
 def test_a_deactivated_account_opens_nothing(pipeline: Pipeline, engine: sa.Engine) -> None:
