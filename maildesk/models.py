@@ -107,7 +107,9 @@ class InboundMail(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     source: str = Field(max_length=10)
     raw_path: str = Field(max_length=500)
-    sha256: str = Field(max_length=64, index=True)
+    # Unique: the same bytes delivered twice (an MTA retry, two instances reading one
+    # mailbox) are one mail, and the database settles any race between the deliveries.
+    sha256: str = Field(max_length=64, unique=True, index=True)
     size: int = 0
     mailbox: str | None = Field(default=None, max_length=500)
     uidvalidity: int | None = Field(default=None, sa_type=sa.BigInteger)

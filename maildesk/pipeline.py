@@ -107,7 +107,12 @@ class Pipeline:
         """File one raw mail; returns only after its transaction has committed."""
         started = time.monotonic()
         try:
-            outcome = self._process(raw, delivery)
+            try:
+                outcome = self._process(raw, delivery)
+            except sa.exc.IntegrityError:
+                # Another delivery of the same bytes committed first; this one is its
+                # duplicate, which the second pass finds and reports.
+                outcome = self._process(raw, delivery)
         except Exception as exc:
             if _is_temporary(exc):
                 log.warning("store unavailable", source=delivery.source, error=str(exc))

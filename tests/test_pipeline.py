@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -134,3 +135,24 @@ def test_an_unreachable_database_says_try_again(tmp_path: Path) -> None:
     )
     with pytest.raises(StoreUnavailable):
         Pipeline(settings, engine).process(customer_mail().as_bytes(), SMTP)
+
+
+def test_two_instances_filing_the_same_mail_at_once_file_it_once(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    other = Pipeline(pipeline.settings, engine)
+    raw = customer_mail().as_bytes()
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def deliver(instance: Pipeline) -> None:
+        start.wait()
+        outcomes.append(instance.process(raw, SMTP).outcome)
+
+    threads = [threading.Thread(target=deliver, args=(p,)) for p in (pipeline, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes) == ["duplicate", "ticket"]
+    assert len(rows(engine, Ticket)) == 1 and len(rows(engine, Outbox)) == 2

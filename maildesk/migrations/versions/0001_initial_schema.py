@@ -119,7 +119,7 @@ def upgrade() -> None:
     with op.batch_alter_table('inboundmail', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_inboundmail_message_id'), ['message_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_inboundmail_outcome'), ['outcome'], unique=False)
-        batch_op.create_index(batch_op.f('ix_inboundmail_sha256'), ['sha256'], unique=False)
+        batch_op.create_index(batch_op.f('ix_inboundmail_sha256'), ['sha256'], unique=True)
 
     op.create_table('outbox',
     sa.Column('id', sa.Integer(), nullable=False),
