@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ssl
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ BIG_MAIL_BYTES = 1024 * 1024  # a mail larger than this is fetched alone, to bou
 MAX_ATTEMPTS = 3  # handler failures before a mail is quarantined as poison
 IDLE_CHECK_SECONDS = 1.0  # how often IDLE looks at `stop`
 IDLE_RENEW_SECONDS = 25 * 60  # RFC 2177: servers may drop an IDLE after 30 minutes
+IDLE_BLIND_SECONDS = 5.0  # the IDLE bound when imaplib's read buffer cannot be inspected
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 SOCKET_TIMEOUT = 60.0  # so that a dead network cannot hang a worker thread forever
 
@@ -68,10 +70,23 @@ class _Connection:
                 self.client.subscribe_folder(name)
             log.info("imap.folder_created", folder=name)
 
-    def scan(self) -> tuple[int, list[int]]:
-        """Select the watched folder; return its UIDVALIDITY and all its UIDs, ascending."""
+    def scan(self) -> tuple[int, list[int], bool]:
+        """Select the watched folder; return its UIDVALIDITY, all its UIDs (ascending) and
+        whether the server announced more mail while it searched.
+        """
         uidvalidity = int(self.client.select_folder(self.folder)[b"UIDVALIDITY"])
-        return uidvalidity, sorted(int(uid) for uid in self.client.search("ALL"))
+        # A mail that arrives between SELECT and the end of SEARCH is not among the results:
+        # the search runs on the folder as the session last saw it. The server then announces
+        # it once, with an untagged "* N EXISTS" inside the SEARCH response, which imapclient
+        # files away in imaplib's untagged responses without returning it. The IDLE that
+        # follows would not announce it again, so the mail would wait a whole poll interval.
+        # imaplib's response() hands over (and forgets) what was filed under a name: drop the
+        # count that SELECT reported, then any EXISTS after the search means new mail.
+        imap = self.client._imap
+        imap.response("EXISTS")
+        uids = sorted(int(uid) for uid in self.client.search("ALL"))
+        _, announced = imap.response("EXISTS")
+        return uidvalidity, uids, announced != [None]
 
     def batches(self, uids: list[int]) -> list[list[int]]:
         """Split UIDs into FETCH batches of up to FETCH_BATCH small mails or one big mail."""
@@ -111,6 +126,17 @@ class _Connection:
         self.idling = True
         # Short idle_checks so that `stop` (a plain flag, safe to read here) is seen quickly.
         while not stop.is_set() and time.monotonic() < deadline:
+            # idle_check() waits with poll() on the socket, but the server's news may already
+            # have been read off it: Dovecot answers IDLE with "+ idling" and, in the same
+            # packet, the "* N EXISTS" of mail that came after our last SEARCH. imaplib reads
+            # the whole packet into its buffer to return the "+ idling" line, and the EXISTS
+            # then waits there, invisible to poll(), until the IDLE ends. Look there first.
+            buffered = _unread_input(self.client)
+            if buffered:
+                break
+            if buffered is None:
+                # Without a way to look into the buffer, keep the blind spot short.
+                deadline = min(deadline, time.monotonic() + IDLE_BLIND_SECONDS)
             started = time.monotonic()
             if self.client.idle_check(IDLE_CHECK_SECONDS):
                 break
@@ -207,13 +233,15 @@ class ImapFetcher:
         # Search again after each pass: mails that arrived meanwhile were announced during
         # other commands, so IDLE would not report them.
         while not stop.is_set():
-            uidvalidity, uids = await asyncio.to_thread(conn.scan)
+            uidvalidity, uids, more = await asyncio.to_thread(conn.scan)
             if uidvalidity != self._uidvalidity:
                 log.info("imap.selected", folder=conn.folder, uidvalidity=uidvalidity)
                 self._uidvalidity = uidvalidity
             # A failed mail stays in place until the next round, not the next pass.
             todo = [uid for uid in uids if (uidvalidity, uid) not in tried]
             if not todo:
+                if more:
+                    continue  # Mail came during the search itself: look again.
                 break
             tried.update((uidvalidity, uid) for uid in todo)
             handled += await self._process(conn, uidvalidity, todo, stop)
@@ -340,6 +368,35 @@ class ImapFetcher:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abandon()
+
+
+def _unread_input(client: IMAPClient) -> bool | None:
+    """Whether server data waits in a buffer above the socket, where poll() cannot see it.
+
+    None means that the buffer could not be inspected. This reads imaplib's internals, which
+    changed in Python 3.14; tests/test_fetch.py checks that the result still means something.
+    """
+    sock = client.socket()
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # Decrypted by OpenSSL but not yet handed to imaplib.
+    state = vars(client._imap)
+    readbuf = state.get("_readbuf")
+    if isinstance(readbuf, list):
+        return any(readbuf)  # Python 3.14 and later: imaplib keeps its own list of chunks.
+    reader = state.get("file")
+    if not isinstance(reader, io.BufferedReader):
+        return None
+    # Before 3.14: the socket's BufferedReader. peek() returns what it holds and, only when
+    # that is nothing, tries one read from the socket; non-blocking, that read cannot hang,
+    # and whatever it gets is news too (the caller then ends the IDLE and reads it).
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return bool(reader.peek(1))
+    except OSError:  # Nothing to read: BlockingIOError, or SSLWantReadError with TLS.
+        return False
+    finally:
+        sock.settimeout(timeout)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

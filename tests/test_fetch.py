@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from imapclient import IMAPClient
 from pydantic import SecretStr
-from rig.dovecot import ImapAccount, free_port
+from rig.dovecot import DovecotServer, ImapAccount, free_port
 from structlog.testing import capture_logs
 
 from maildesk.config import ImapSettings
-from maildesk.fetch import ImapFetcher
+from maildesk.fetch import ImapFetcher, _Connection, _unread_input
 from maildesk.pipeline import Delivery, Outcome, StoreUnavailable
 
 PROCESSED, QUARANTINE = "maildesk/processed", "maildesk/quarantine"
@@ -302,3 +305,163 @@ async def test_connection_errors_back_off_until_stopped(imap_account: ImapAccoun
         await asyncio.wait_for(task, 10)
     errors = [entry for entry in logs if entry["event"] == "imap.connection_error"]
     assert errors and errors[0]["retry_in"] == 1.0
+
+
+# Mail that lands while the fetcher goes from its last SEARCH into IDLE is the easiest to lose:
+# the server announces it once, during SEARCH or together with the "+ idling" continuation,
+# and never again. These tests append exactly then; poll_seconds is an hour, so a mail that
+# the fetcher missed would sit in the folder and the test would time out.
+
+
+async def wait_for_calls(recorder: Recorder, count: int, timeout: float = 10) -> bool:
+    """Wait until the handler has been called `count` times; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(recorder.calls) < count:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+@contextlib.asynccontextmanager
+async def running(fetcher: ImapFetcher) -> AsyncIterator[None]:
+    """Run the fetcher in the background for the duration of the block."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(fetcher.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+class Injector:
+    """Patches an IMAPClient method so that, once armed, the fetcher's next call appends a mail."""
+
+    def __init__(self, account: ImapAccount, fetcher: ImapFetcher, claim_recent: bool) -> None:
+        self.armed = threading.Event()
+        self.fired = threading.Event()
+        self.account = account
+        self.fetcher = fetcher
+        self.claim_recent = claim_recent
+
+    def patch(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        original = getattr(IMAPClient, name)
+
+        def wrapper(client: IMAPClient, *args: object) -> object:
+            conn = self.fetcher._conn
+            ours = conn is not None and client is conn.client and args in ((), ("ALL",))
+            if ours and self.armed.is_set():
+                self.armed.clear()
+                self.account.append(make_mail(99))
+                if self.claim_recent:
+                    # Another session with the folder open (a person's mail client, say) takes
+                    # \Recent, so Dovecot's "* 1 RECENT" cannot wake the fetcher by luck.
+                    with self.account.client() as other:
+                        other.select_folder("INBOX")
+                self.fired.set()
+            return original(client, *args)
+
+        monkeypatch.setattr(IMAPClient, name, wrapper)
+
+
+def test_unread_input_sees_what_imaplib_read_ahead(imap_account: ImapAccount) -> None:
+    # The fetcher relies on this look into imaplib's internals; None would mean it went blind.
+    with imap_account.client() as imap:
+        imap.select_folder("INBOX")
+        imap.idle()
+        assert _unread_input(imap) is False
+        imap.idle_done()
+        imap_account.append(make_mail(1))
+        imap.idle()  # Answered with "+ idling" and "* 1 EXISTS".
+        time.sleep(0.2)  # Wherever the EXISTS is by now, socket or buffer, it counts.
+        assert _unread_input(imap) is True
+        assert (1, b"EXISTS") in imap.idle_done()[1]
+
+
+async def test_mail_appended_as_run_starts_is_handled(dovecot_server: DovecotServer) -> None:
+    # The end-to-end situation: the mail comes while the fetcher connects, selects and searches.
+    for _ in range(5):
+        account = dovecot_server.add_user()
+        recorder = Recorder()
+        fetcher = ImapFetcher(settings_for(account, idle=True), recorder, never_seen)
+        async with running(fetcher):
+            await asyncio.to_thread(account.append, make_mail(1))
+            assert await wait_for_calls(recorder, 1), "the mail was not picked up"
+        assert account.uids("INBOX") == []
+
+
+async def test_mail_announced_during_search_is_handled(
+    imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Recorder()
+    fetcher = ImapFetcher(settings_for(imap_account, idle=True), recorder, never_seen)
+    # Between SELECT and SEARCH: the search misses the mail, and Dovecot announces it with an
+    # untagged EXISTS in the SEARCH response, which imapclient keeps to itself.
+    injector = Injector(imap_account, fetcher, claim_recent=True)
+    injector.patch(monkeypatch, "search")
+    injector.armed.set()
+    async with running(fetcher):
+        assert await asyncio.to_thread(injector.fired.wait, 10)
+        assert await wait_for_calls(recorder, 1), "the mail was not picked up"
+    assert [raw for raw, _ in recorder.calls] == [make_mail(99)]
+
+
+async def test_mail_announced_as_idle_starts_is_handled(
+    imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Recorder()
+    fetcher = ImapFetcher(settings_for(imap_account, idle=True), recorder, never_seen)
+    # Between SEARCH and IDLE: Dovecot sends "+ idling" and the EXISTS in one packet, so
+    # imaplib reads both at once and the EXISTS waits in its buffer, where poll() cannot see it.
+    injector = Injector(imap_account, fetcher, claim_recent=False)
+    injector.patch(monkeypatch, "idle")
+    injector.armed.set()
+    async with running(fetcher):
+        assert await asyncio.to_thread(injector.fired.wait, 10)
+        assert await wait_for_calls(recorder, 1), "the mail was not picked up"
+    assert [raw for raw, _ in recorder.calls] == [make_mail(99)]
+
+
+async def test_mails_appended_around_the_move_into_idle_are_all_handled(
+    imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Count the fetcher's scans (SELECT + SEARCH), so that each mail is appended a random few
+    # milliseconds after the scan that precedes IDLE has begun.
+    scans = threading.Condition()
+    scan_count = 0
+    original_scan = _Connection.scan
+
+    def scan(conn: _Connection) -> object:
+        nonlocal scan_count
+        with scans:
+            scan_count += 1
+            scans.notify_all()
+        return original_scan(conn)
+
+    def wait_for_scan(number: int) -> None:
+        with scans:
+            scans.wait_for(lambda: scan_count >= number, 5)
+
+    monkeypatch.setattr(_Connection, "scan", scan)
+    seen_at: list[int] = []
+    recorder = Recorder()
+
+    def handler(raw: bytes, delivery: Delivery) -> Outcome:
+        seen_at.append(scan_count)
+        return recorder(raw, delivery)
+
+    fetcher = ImapFetcher(settings_for(imap_account, idle=True), handler, never_seen)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    with imap_account.client() as appender:
+        async with running(fetcher):
+            for n in range(25):
+                # The scan after the last handled mail (or the very first) is the one before IDLE.
+                target = seen_at[-1] + 1 if seen_at else 1
+                await asyncio.to_thread(wait_for_scan, target)
+                await asyncio.sleep(rng.uniform(0, 0.04))
+                await asyncio.to_thread(appender.append, "INBOX", make_mail(n))
+                assert await wait_for_calls(recorder, n + 1), f"mail {n} missed (seed {seed})"
+    assert [raw for raw, _ in recorder.calls] == [make_mail(n) for n in range(25)]
+    assert imap_account.uids("INBOX") == []
