@@ -33,7 +33,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     sender = OutboxSender(settings, engine)
     tasks = [asyncio.create_task(sender.run(stop, wake), name="send")]
     if settings.imap.enabled:
-        fetcher = ImapFetcher(settings.imap, pipeline.process, pipeline.seen)
+        fetcher = ImapFetcher(settings.imap, pipeline.process, pipeline.stored_uids)
         tasks.append(asyncio.create_task(fetcher.run(stop), name="fetch"))
     listener: Listener | None = None
     if settings.listener.enabled:

@@ -2,7 +2,8 @@
 
 A mail leaves the watched folder only after the pipeline's transaction has committed, so a
 crash at any point loses nothing: a mail still in the folder is simply looked at again, and
-`seen` tells whether it was stored already (then it is only moved).
+`stored` tells which of them were stored already (those are only moved). The store's ledger of
+UIDs is the checkpoint: only UIDs it does not hold are ever FETCHed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from maildesk.logs import get_logger
 from maildesk.pipeline import Delivery, Outcome, StoreUnavailable
 
 Handler = Callable[[bytes, Delivery], Outcome]
-Seen = Callable[[str, int, int], bool]
+# (mailbox, uidvalidity, uids) -> the subset of those UIDs already stored.
+Stored = Callable[[str, int, list[int]], set[int]]
 
 log = get_logger("fetch")
 
@@ -162,7 +164,7 @@ class _Connection:
 class ImapFetcher:
     """Read mails from an IMAP folder into the pipeline, moving each away once it committed."""
 
-    def __init__(self, settings: ImapSettings, handler: Handler, seen: Seen) -> None:
+    def __init__(self, settings: ImapSettings, handler: Handler, stored: Stored) -> None:
         """Remember the settings and the pipeline callbacks; connect lazily."""
         if not settings.username or settings.password is None:
             raise ValueError("IMAP needs a username and a password")
@@ -171,7 +173,7 @@ class ImapFetcher:
             raise ValueError("the IMAP folder must differ from the processed and quarantine ones")
         self._settings = settings
         self._handler = handler
-        self._seen = seen
+        self._stored = stored
         self._conn: _Connection | None = None
         # Failed handler attempts per (uidvalidity, uid); in memory, as a restart may retry.
         self._attempts: dict[tuple[int, int], int] = {}
@@ -251,9 +253,7 @@ class ImapFetcher:
         self, conn: _Connection, uidvalidity: int, uids: list[int], stop: asyncio.Event
     ) -> int:
         mailbox = self._settings.folder
-        seen = await asyncio.to_thread(
-            lambda: {uid for uid in uids if self._seen(mailbox, uidvalidity, uid)}
-        )
+        seen = await asyncio.to_thread(self._stored, mailbox, uidvalidity, uids)
         # Stored before but not moved (a crash between commit and move): only move them.
         moves: dict[str, list[int]] = {conn.processed: sorted(seen), conn.quarantine: []}
         if seen:

@@ -175,14 +175,6 @@ class Outbox(SQLModel, table=True):
     sent_at: datetime | None = _when(nullable=True)
 
 
-class ImapCheckpoint(SQLModel, table=True):
-    """How far the IMAP poller has read a mailbox: the last UID stored under a UIDVALIDITY."""
-
-    mailbox: str = Field(primary_key=True, max_length=500)
-    uidvalidity: int = Field(sa_type=sa.BigInteger)
-    last_uid: int = Field(default=0, sa_type=sa.BigInteger)
-
-
 class AuditEvent(SQLModel, table=True):
     """Who did what to which ticket or account, and when."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from maildesk import classify, database, directory, route
 from maildesk.config import Settings
@@ -90,18 +90,23 @@ class Pipeline:
         # Called after each commit that may have queued mail, to wake the sender.
         self.on_commit: Callable[[], object] = on_commit or (lambda: None)
 
-    def seen(self, mailbox: str, uidvalidity: int, uid: int) -> bool:
-        """Whether the IMAP mail with that UID was already stored."""
+    def stored_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> set[int]:
+        """Which of these IMAP UIDs were stored already: the fetcher's checkpoint."""
+        found: set[int] = set()
         try:
             with Session(self.engine) as session:
-                query = select(InboundMail.id).where(
-                    InboundMail.mailbox == mailbox,
-                    InboundMail.uidvalidity == uidvalidity,
-                    InboundMail.uid == uid,
-                )
-                return session.exec(query).first() is not None
+                # Chunks keep the IN list within every database's limits on parameters.
+                for start in range(0, len(uids), 500):
+                    chunk = uids[start : start + 500]
+                    query = select(InboundMail.uid).where(
+                        InboundMail.mailbox == mailbox,
+                        InboundMail.uidvalidity == uidvalidity,
+                        col(InboundMail.uid).in_(chunk),
+                    )
+                    found.update(uid for uid in session.exec(query) if uid is not None)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(str(exc)) from exc
+        return found
 
     def process(self, raw: bytes, delivery: Delivery) -> Outcome:
         """File one raw mail; returns only after its transaction has committed."""

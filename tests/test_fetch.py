@@ -54,8 +54,8 @@ def settings_for(account: ImapAccount, **changes: object) -> ImapSettings:
     return settings.model_copy(update=changes)
 
 
-def never_seen(mailbox: str, uidvalidity: int, uid: int) -> bool:
-    return False
+def never_seen(mailbox: str, uidvalidity: int, uids: list[int]) -> set[int]:
+    return set()
 
 
 def uidvalidity_of(account: ImapAccount, folder: str = "INBOX") -> int:
@@ -134,9 +134,9 @@ async def test_already_stored_uid_is_moved_without_the_handler(imap_account: Ima
     uidvalidity = uidvalidity_of(imap_account)
     asked: list[tuple[str, int, int]] = []
 
-    def seen(mailbox: str, validity: int, uid: int) -> bool:
-        asked.append((mailbox, validity, uid))
-        return (validity, uid) == (uidvalidity, stored)
+    def seen(mailbox: str, validity: int, uids: list[int]) -> set[int]:
+        asked.extend((mailbox, validity, uid) for uid in uids)
+        return {stored} if validity == uidvalidity and stored in uids else set()
 
     recorder = Recorder()
     fetcher = ImapFetcher(settings_for(imap_account), recorder, seen)

@@ -47,7 +47,8 @@ def test_a_new_ticket_and_its_notifications_commit_together(
     assert [(o.kind, o.recipients) for o in rows(engine, Outbox)] == [
         ("acknowledgement", f'["{CUSTOMER}"]'), ("new_ticket", f'["{AGENT}"]'),
     ]
-    assert pipeline.seen("INBOX", 7, 1) and not pipeline.seen("INBOX", 7, 2)
+    assert pipeline.stored_uids("INBOX", 7, [1, 2]) == {1}
+    assert pipeline.stored_uids("INBOX", 8, [1]) == set()
 
 
 def test_the_same_mail_twice_is_filed_once(pipeline: Pipeline, engine: sa.Engine) -> None:

@@ -39,12 +39,6 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name')
     )
-    op.create_table('imapcheckpoint',
-    sa.Column('mailbox', sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
-    sa.Column('uidvalidity', sa.BigInteger(), nullable=False),
-    sa.Column('last_uid', sa.BigInteger(), nullable=False),
-    sa.PrimaryKeyConstraint('mailbox')
-    )
     op.create_table('account',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('email', sqlmodel.sql.sqltypes.AutoString(length=320), nullable=False),
@@ -227,7 +221,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_account_company_id'))
 
     op.drop_table('account')
-    op.drop_table('imapcheckpoint')
     op.drop_table('company')
     op.drop_table('agent')
     # ### end Alembic commands ###
