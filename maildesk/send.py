@@ -1,18 +1,29 @@
 """The send stage: deliver the outbox's due mails by SMTP or into a maildir.
 
-A sender claims one due row at a time: in one short transaction it picks the oldest due row
-(`SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL, so that concurrent senders pass over each
-other's rows instead of queueing behind them), then sets it to "sending" with a lease, i.e.
-`next_attempt_at = now + lease`, and commits. Only then does it talk to the server, and it
-records the outcome in a second transaction. A row whose lease has run out (its sender crashed)
-is due again. The claiming UPDATE repeats the "is due" condition, so that a row claimed by
-someone else between our SELECT and our UPDATE is left alone; on SQLite, which ignores FOR UPDATE
-and serialises writers with its database lock, that condition alone keeps senders apart.
+A sender claims due rows a batch at a time: in one short transaction it picks the oldest due
+rows, up to `claim_size` of them (`SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL, so that
+concurrent senders pass over each other's rows instead of queueing behind them), then sets them
+to "sending" with a lease, i.e. `next_attempt_at = now + lease`, and commits. Only then does it
+talk to the server, one row after the other over one connection, and it records the outcomes a
+group at a time (every RECORD_ROWS rows or RECORD_SECONDS, whichever comes first, and at the end
+of the claim). A row whose lease has run out (its sender crashed) is due again. The claiming
+UPDATE repeats the "is due" condition, so that a row claimed by someone else between our SELECT
+and our UPDATE is left alone; on SQLite, which ignores FOR UPDATE and serialises writers with its
+database lock, that condition alone keeps senders apart. Rows claimed but never tried (the server
+is unreachable, or the claim has used half its lease) are given back as they were.
+
+Few write transactions matter on SQLite: each one queues for the database's single write lock,
+which the pipeline takes back to back during a burst of incoming mail, and a sender that took the
+lock twice per mail sent only a few mails a second until the burst was over.
 
 Delivery is therefore at least once, never at most once: a crash (or a lost database) between the
 server's 250 and our commit sends the mail again once the lease expires, as does a connection
-dropped after the server took the mail but before it answered. The Message-ID is the same both
-times, so mail clients thread the copies together and most hide the duplicate.
+dropped after the server took the mail but before it answered. Since outcomes are recorded a group
+at a time, a crash in the middle of a claim sends again the rows of the group not yet recorded
+(at most RECORD_ROWS rows, or RECORD_SECONDS' worth of sending, plus the row on the wire), while
+the claimed rows not yet tried stay "sending" until their lease passes and are then sent once.
+The Message-ID is the same both times, so mail clients thread the copies together and most hide
+the duplicate.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import json
 import mailbox
 import smtplib
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,6 +50,12 @@ log = get_logger("send")
 
 LEASE = timedelta(minutes=10)
 MAX_BACKOFF = timedelta(hours=1)
+# Rows claimed in one transaction; a claim is sent over one connection.
+CLAIM_SIZE = 50
+# Outcomes are committed every RECORD_ROWS rows or RECORD_SECONDS, whichever comes first: this
+# bounds both the write transactions per mail and the mails sent again after a crash.
+RECORD_ROWS = 20
+RECORD_SECONDS = 0.5
 _OUTBOX: sa.Table = Outbox.metadata.tables["outbox"]
 _ROW = _OUTBOX.c
 _DUE_STATUSES = ("pending", "sending")
@@ -76,26 +95,29 @@ def _describe(exc: BaseException) -> str:
 class _SmtpTransport:
     """One SMTP connection, opened on first use and reused for the whole batch."""
 
-    def __init__(self, settings: Settings, timeout: float) -> None:
+    def __init__(
+        self, settings: Settings, timeout: float, tls_context: Callable[[], ssl.SSLContext]
+    ) -> None:
         self._smtp = settings.smtp
         # EHLO with the desk's own domain: smtplib's default, socket.getfqdn(), can stall.
         self._helo = settings.desk.domain
         self._timeout = timeout
+        self._tls_context = tls_context
         self._client: smtplib.SMTP | None = None
 
     def _connect(self) -> smtplib.SMTP:
         cfg = self._smtp
-        context = ssl.create_default_context()
         try:
             if cfg.tls == "ssl":
                 client: smtplib.SMTP = smtplib.SMTP_SSL(
-                    cfg.host, cfg.port, self._helo, timeout=self._timeout, context=context
-                )
+                    cfg.host, cfg.port, self._helo, timeout=self._timeout,
+                    context=self._tls_context(),
+                )  # fmt: skip
             else:
                 client = smtplib.SMTP(cfg.host, cfg.port, self._helo, timeout=self._timeout)
             try:
                 if cfg.tls == "starttls":
-                    client.starttls(context=context)
+                    client.starttls(context=self._tls_context())
                 if cfg.username:
                     secret = cfg.password.get_secret_value() if cfg.password else ""
                     client.login(cfg.username, secret)
@@ -180,6 +202,17 @@ def _refusals(refused: dict[str, Any]) -> str:
     return ", ".join(f"{addr} ({_reply(code, msg)})" for addr, (code, msg) in refused.items())
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """A row this sender leased, and what to put back should it not try the row after all."""
+
+    row: Any  # The claiming UPDATE's RETURNING row, attempts already counted.
+    status: str  # The row's status, attempts and next attempt before the claim.
+    attempts: int
+    due_at: datetime
+    lease_until: datetime
+
+
 class OutboxSender:
     """Sends the outbox's due mails and records each outcome on its row."""
 
@@ -193,6 +226,7 @@ class OutboxSender:
         lease: timedelta = LEASE,
         poll_seconds: float = 5.0,
         timeout: float = 60.0,
+        claim_size: int = CLAIM_SIZE,
     ) -> None:
         """Prepare a sender; `retry_base` is the first backoff, doubled at each retry."""
         self.settings = settings
@@ -202,44 +236,83 @@ class OutboxSender:
         self.lease = lease
         self.poll_seconds = poll_seconds
         self.timeout = timeout
+        self.claim_size = max(1, claim_size)
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The context for "ssl" and "starttls", built once: loading the CAs takes ~50 ms."""
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     def _transport(self) -> _SmtpTransport | _MaildirTransport:
         if self.settings.smtp.transport == "maildir":
             return _MaildirTransport(self.settings.outgoing_maildir)
-        return _SmtpTransport(self.settings, self.timeout)
+        return _SmtpTransport(self.settings, self.timeout, self._tls_context)
 
     def _due(self, now: datetime) -> sa.ColumnElement[bool]:
         return sa.and_(_ROW.status.in_(_DUE_STATUSES), _ROW.next_attempt_at <= now)
 
-    def _claim(self, skip: list[int]) -> Any:
-        """Lease the oldest due row not in `skip`, or return None when none is due."""
+    def _claim(self, size: int, skip: list[int]) -> tuple[list[_Claim], bool]:
+        """Lease up to `size` of the oldest due rows not in `skip`, in one transaction.
+
+        Also says whether more rows may be due: False when fewer than `size` were found.
+        """
         while True:
             now = utcnow()
-            pick = sa.select(_ROW.id).where(self._due(now)).order_by(_ROW.id).limit(1)
+            pick = (
+                sa.select(_ROW.id, _ROW.status, _ROW.attempts, _ROW.next_attempt_at)
+                .where(self._due(now))
+                .order_by(_ROW.id)
+                .limit(size)
+            )
             if skip:
                 pick = pick.where(_ROW.id.not_in(skip))
             with self.engine.begin() as conn:
-                row_id = conn.execute(pick.with_for_update(skip_locked=True)).scalar()
-                if row_id is None:
-                    return None
+                picked = {r.id: r for r in conn.execute(pick.with_for_update(skip_locked=True))}
+                if not picked:
+                    return [], False
                 # Counting the attempt when claiming makes a mail that keeps crashing its
-                # sender run out of attempts instead of being resent forever.
+                # sender run out of attempts instead of being resent forever. Repeating the
+                # "is due" condition is the compare-and-set that keeps two senders apart.
                 claim = (
                     sa.update(_OUTBOX)
-                    .where(_ROW.id == row_id, self._due(now))
+                    .where(_ROW.id.in_(list(picked)), self._due(now))
                     .values(status="sending", attempts=_ROW.attempts + 1,
                             next_attempt_at=now + self.lease)
                     .returning(_ROW.id, _ROW.kind, _ROW.message_id, _ROW.mail_from,
                                _ROW.recipients, _ROW.raw, _ROW.attempts)
                 )  # fmt: skip
-                row = conn.execute(claim).one_or_none()
-            if row is not None:
-                return row
-            # Another sender claimed the row between our SELECT and our UPDATE: look again.
+                rows = conn.execute(claim).all()
+            if rows:
+                # RETURNING follows no particular order: send the oldest first.
+                claims = [
+                    _Claim(row, picked[row.id].status, picked[row.id].attempts,
+                           picked[row.id].next_attempt_at, now + self.lease)
+                    for row in sorted(rows, key=lambda r: r.id)
+                ]  # fmt: skip
+                return claims, len(picked) == size
+            # Another sender claimed every one of them between our SELECT and our UPDATE.
 
-    def _record(self, row_id: int, **values: Any) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(sa.update(_OUTBOX).where(_ROW.id == row_id).values(**values))
+    def _record(self, results: list[tuple[int, dict[str, Any]]]) -> None:
+        """Commit the outcomes gathered so far in one transaction, and forget them."""
+        if results:
+            with self.engine.begin() as conn:
+                for row_id, values in results:
+                    conn.execute(sa.update(_OUTBOX).where(_ROW.id == row_id).values(**values))
+            results.clear()
+
+    def _release(self, claims: list[_Claim]) -> None:
+        """Put back rows claimed but not tried, as they were, unless our lease has passed."""
+        if claims:
+            with self.engine.begin() as conn:
+                for c in claims:
+                    conn.execute(
+                        sa.update(_OUTBOX)
+                        .where(_ROW.id == c.row.id, _ROW.status == "sending",
+                               _ROW.next_attempt_at == c.lease_until)
+                        .values(status=c.status, attempts=c.attempts, next_attempt_at=c.due_at)
+                    )  # fmt: skip
 
     def _backoff(self, attempts: int) -> timedelta:
         return min(self.retry_base * 2 ** min(attempts - 1, 30), MAX_BACKOFF)
@@ -247,27 +320,74 @@ class OutboxSender:
     def send_batch(self, limit: int = 100) -> SendReport:
         """Send up to `limit` due mails over one connection and record each outcome."""
         counts = {"sent": 0, "retry": 0, "failed": 0}
+        # A row is tried once per batch, even when its retry is due at once.
         tried: list[int] = []
         transport = self._transport()
         try:
             while len(tried) < limit:
-                row = self._claim(tried)
-                if row is None:
-                    break
-                # A row is tried once per batch, even when its retry is due at once.
-                tried.append(row.id)
-                outcome, stop = self._deliver(transport, row)
-                counts[outcome] += 1
-                if stop:
-                    # The server is unreachable: the other rows wait for the next batch,
-                    # rather than each spending an attempt (and a timeout) on it now.
+                size = min(self.claim_size, limit - len(tried))
+                claims, more = self._claim(size, tried)
+                tried.extend(c.row.id for c in claims)
+                # When nothing else was due, rows that come later wake the next batch.
+                if self._send_claims(transport, claims, counts) or not more:
                     break
         finally:
             transport.close()
         return SendReport(sent=counts["sent"], retried=counts["retry"], failed=counts["failed"])
 
-    def _deliver(self, transport: _SmtpTransport | _MaildirTransport, row: Any) -> tuple[str, bool]:
-        """Send one claimed row and record the outcome; True means stop the batch."""
+    def _send_claims(
+        self,
+        transport: _SmtpTransport | _MaildirTransport,
+        claims: list[_Claim],
+        counts: dict[str, int],
+    ) -> bool:
+        """Send claimed rows and record their outcomes by groups; True means stop the batch.
+
+        A crash here leaves the rows whose outcome was not yet committed "sending": they are
+        sent (again, for those already sent) once their lease passes. Grouping bounds how many
+        that can be; see the module's docstring.
+        """
+        results: list[tuple[int, dict[str, Any]]] = []
+        claimed_at = grouped_at = time.monotonic()
+        untried = 0  # Index of the first claim not yet handed to the transport.
+        stop = False
+        try:
+            for index, claim in enumerate(claims):
+                # The lease must outlast the send: a row started with less than half of it
+                # left could be claimed and sent by another sender while we are still at it.
+                if time.monotonic() - claimed_at > self.lease.total_seconds() / 2:
+                    log.warning("claim outlived half its lease",
+                                left=len(claims) - index)  # fmt: skip
+                    break
+                untried = index + 1
+                outcome, values, stop = self._deliver(transport, claim.row)
+                counts[outcome] += 1
+                if not results:
+                    grouped_at = time.monotonic()
+                results.append((claim.row.id, values))
+                if stop:
+                    # The server is unreachable: the other rows wait for the next batch,
+                    # rather than each spending an attempt (and a timeout) on it now.
+                    break
+                if len(results) >= RECORD_ROWS or time.monotonic() - grouped_at >= RECORD_SECONDS:
+                    self._record(results)
+            self._record(results)
+            self._release(claims[untried:])
+        except BaseException:
+            # Keep what we know: outcomes not recorded would mean mails sent twice, and rows
+            # not tried would wait for their lease. The row on the wire keeps its lease.
+            try:
+                self._record(results)
+                self._release(claims[untried:])
+            except Exception as exc:
+                log.warning("could not record the batch after an error", error=_describe(exc))
+            raise
+        return stop
+
+    def _deliver(
+        self, transport: _SmtpTransport | _MaildirTransport, row: Any
+    ) -> tuple[str, dict[str, Any], bool]:
+        """Send one claimed row: its outcome, the values to record, and whether to stop."""
         fields = {"outbox_id": row.id, "message_id": row.message_id, "kind": row.kind,
                   "attempts": row.attempts}  # fmt: skip
         try:
@@ -282,21 +402,19 @@ class OutboxSender:
             stop = isinstance(exc, _Unreachable)
             if row.attempts < self.max_attempts:
                 retry_at = utcnow() + self._backoff(row.attempts)
-                self._record(row.id, status="pending", next_attempt_at=retry_at,
-                             last_error=str(exc))  # fmt: skip
                 log.warning("mail deferred", **fields, outcome="retry", error=str(exc),
                             retry_at=retry_at.isoformat())  # fmt: skip
-                return "retry", stop
+                values = {"status": "pending", "next_attempt_at": retry_at,
+                          "last_error": str(exc)}  # fmt: skip
+                return "retry", values, stop
             reason = f"gave up after {row.attempts} attempts: {exc}"
         else:
             # Recipients refused one by one are lost for good; the others did get the mail.
             note = f"refused: {_refusals(refused)}"[:1000] if refused else None
-            self._record(row.id, status="sent", sent_at=utcnow(), last_error=note)
             log.info("mail sent", **fields, outcome="sent", refused=len(refused))
-            return "sent", False
-        self._record(row.id, status="failed", last_error=reason)
+            return "sent", {"status": "sent", "sent_at": utcnow(), "last_error": note}, False
         log.error("mail failed", **fields, outcome="failed", error=reason)
-        return "failed", stop
+        return "failed", {"status": "failed", "last_error": reason}, stop
 
     def _seconds_to_next(self) -> float:
         """Seconds until the earliest due row (or lease end), at most `poll_seconds`."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
+import time
 import uuid
 from datetime import timedelta
 from email import policy
@@ -17,7 +19,7 @@ import sqlalchemy as sa
 from rig.dovecot import free_port
 from rig.smtp import RecordingSMTPServer
 
-from maildesk import database
+from maildesk import database, send
 from maildesk.config import DeskSettings, Settings, SmtpSettings
 from maildesk.database import session_scope
 from maildesk.models import Outbox, utcnow
@@ -187,13 +189,16 @@ def test_some_recipients_refused(
 def test_unreachable_server_defers_one_row_per_batch(engine: sa.Engine, tmp_path: Path) -> None:
     """With nothing listening, one row is deferred and the rest wait for a later batch."""
     rows = [add_mail(engine, n) for n in range(2)]
+    due_at = reload(engine, rows[1]).next_attempt_at
     settings = make_settings(tmp_path, transport="smtp", host="127.0.0.1", port=free_port())
     sender = OutboxSender(settings, engine)
     assert sender.send_batch() == SendReport(retried=1)
     first, second = (reload(engine, row) for row in rows)
     assert first.status == "pending" and first.attempts == 1
     assert first.last_error is not None and first.last_error.startswith("connect to")
-    assert second.attempts == 0 and second.last_error is None
+    # Claimed with the first but never tried: given back as it was.
+    assert second.status == "pending" and second.attempts == 0 and second.last_error is None
+    assert second.next_attempt_at == due_at
 
 
 def test_maildir_transport(engine: sa.Engine, tmp_path: Path) -> None:
@@ -244,7 +249,9 @@ def test_concurrent_senders_send_each_row_once(
     rows = [add_mail(engine, n) for n in range(30)]
     other = database.make_engine(engine.url.render_as_string(hide_password=False))
     settings = make_settings(tmp_path, smtp_server)
-    senders = [OutboxSender(settings, engine), OutboxSender(settings, other)]
+    # Small claims, so that the two senders take turns rather than one claiming everything.
+    senders = [OutboxSender(settings, engine, claim_size=4),
+               OutboxSender(settings, other, claim_size=4)]  # fmt: skip
     barrier = threading.Barrier(2)
     reports: list[SendReport] = []
 
@@ -263,6 +270,155 @@ def test_concurrent_senders_send_each_row_once(
     assert sum(r.sent for r in reports) == 30 and len(reports) == 2
     sent_ids = sorted(m.message["Message-ID"] for m in smtp_server.mails)
     assert sent_ids == sorted(row.message_id for row in rows)
+    assert all(reload(engine, row).attempts == 1 for row in rows)
+
+
+def test_rows_claimed_between_select_and_update_are_left_alone(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    """A second sender that claims while the first is between its SELECT and UPDATE.
+
+    On SQLite the first sender's SELECT takes no lock, so both pick the same rows and only the
+    compare-and-set in the UPDATE keeps them apart; on PostgreSQL the second skips the rows that
+    the first has locked.
+    """
+    rows = [add_mail(engine, n) for n in range(30)]
+    other = database.make_engine(engine.url.render_as_string(hide_password=False))
+    settings = make_settings(tmp_path, smtp_server)
+    first = OutboxSender(settings, engine, claim_size=10)
+    second = OutboxSender(settings, other, claim_size=5)
+    reports: list[SendReport] = []
+
+    def cut_in(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("UPDATE outbox SET status") and not reports:
+            reports.append(second.send_batch(limit=5))
+
+    sa.event.listen(engine, "before_cursor_execute", cut_in)
+    try:
+        reports.append(first.send_batch())
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", cut_in)
+        other.dispose()
+    assert reports == [SendReport(sent=5), SendReport(sent=25)]
+    sent_ids = sorted(m.message["Message-ID"] for m in smtp_server.mails)
+    assert sent_ids == sorted(row.message_id for row in rows)
+    assert all(reload(engine, row).attempts == 1 for row in rows)
+
+
+def test_batch_takes_few_write_transactions(
+    engine: sa.Engine,
+    smtp_server: RecordingSMTPServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claiming and recording 30 rows commits once for the claim and once per group of 20."""
+    # Grouping by rows only, so that a slow machine does not add groups by time.
+    monkeypatch.setattr(send, "RECORD_SECONDS", 3600.0)
+    rows = [add_mail(engine, n) for n in range(30)]
+    commits: list[object] = []
+    count = commits.append  # One bound method, for sa.event.remove to find.
+    sa.event.listen(engine, "commit", count)
+    try:
+        sender = OutboxSender(make_settings(tmp_path, smtp_server), engine)
+        assert sender.send_batch() == SendReport(sent=30)
+    finally:
+        sa.event.remove(engine, "commit", count)
+    # One row at a time took two write transactions per row: 60.
+    assert len(commits) <= 3
+    assert all(reload(engine, row).status == "sent" for row in rows)
+    assert smtp_server.connections == 1
+
+
+def test_outcomes_are_recorded_by_time_as_well(
+    engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a zero grouping time each outcome is committed as soon as it is known."""
+    monkeypatch.setattr(send, "RECORD_SECONDS", 0.0)
+    for n in range(3):
+        add_mail(engine, n)
+    commits: list[object] = []
+    count = commits.append  # One bound method, for sa.event.remove to find.
+    sa.event.listen(engine, "commit", count)
+    try:
+        sender = OutboxSender(make_settings(tmp_path, transport="maildir"), engine)
+        assert sender.send_batch() == SendReport(sent=3)
+    finally:
+        sa.event.remove(engine, "commit", count)
+    assert len(commits) == 1 + 3
+
+
+def test_error_mid_batch_keeps_what_is_known(
+    engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug on the third row: the first two are recorded, the third keeps its lease, the rest
+    are given back untried."""
+    rows = [add_mail(engine, n) for n in range(5)]
+    real_send = send._MaildirTransport.send
+    calls: list[bytes] = []
+
+    def flaky(self: Any, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
+        calls.append(raw)
+        if len(calls) == 3:
+            raise RuntimeError("a bug")
+        return real_send(self, mail_from, recipients, raw)
+
+    monkeypatch.setattr(send._MaildirTransport, "send", flaky)
+    sender = OutboxSender(make_settings(tmp_path, transport="maildir"), engine)
+    with pytest.raises(RuntimeError):
+        sender.send_batch()
+    states = [reload(engine, row) for row in rows]
+    expected = [("sent", 1), ("sent", 1), ("sending", 1), ("pending", 0), ("pending", 0)]
+    assert [(r.status, r.attempts) for r in states] == expected
+    assert states[2].next_attempt_at > utcnow() + timedelta(minutes=9)
+
+
+def test_claim_stops_at_half_its_lease(
+    engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows not started before half the lease has passed are given back, not sent late."""
+    rows = [add_mail(engine, n) for n in range(3)]
+    real_send = send._MaildirTransport.send
+
+    def slow(self: Any, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
+        time.sleep(0.3)
+        return real_send(self, mail_from, recipients, raw)
+
+    monkeypatch.setattr(send._MaildirTransport, "send", slow)
+    settings = make_settings(tmp_path, transport="maildir")
+    sender = OutboxSender(settings, engine, lease=timedelta(seconds=0.4))
+    assert sender.send_batch() == SendReport(sent=1)
+    states = [(r.status, r.attempts) for r in (reload(engine, row) for row in rows)]
+    assert states == [("sent", 1), ("pending", 0), ("pending", 0)]
+    assert len(list((settings.outgoing_maildir / "new").iterdir())) == 1
+
+
+@pytest.mark.parametrize(("tls", "built"), [("none", 0), ("starttls", 1)])
+def test_tls_context_built_only_for_tls_and_once(
+    engine: sa.Engine,
+    smtp_server: RecordingSMTPServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tls: str,
+    built: int,
+) -> None:
+    """No SSL context without TLS; with TLS, one context serves every connection."""
+    contexts: list[ssl.SSLContext] = []
+    real_context = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        contexts.append(real_context(*args, **kwargs))
+        return contexts[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    sender = OutboxSender(make_settings(tmp_path, smtp_server, tls=tls), engine,
+                          retry_base=ZERO)  # fmt: skip
+    for n in range(2):
+        add_mail(engine, n)
+        # The rig offers no STARTTLS, so with "starttls" each batch fails after connecting.
+        report = sender.send_batch()
+        assert report == (SendReport(sent=1) if tls == "none" else SendReport(retried=1))
+    assert smtp_server.connections == 2
+    assert len(contexts) == built
 
 
 async def test_run_wakes_and_stops(
