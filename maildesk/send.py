@@ -30,14 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import mailbox
-import smtplib
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,6 +41,15 @@ import sqlalchemy as sa
 from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.models import Outbox, utcnow
+from maildesk.transport import (
+    MaildirTransport,
+    PermanentFailure,
+    SmtpTransport,
+    TemporaryFailure,
+    Unreachable,
+    describe,
+    refusals,
+)
 
 log = get_logger("send")
 
@@ -70,123 +75,6 @@ class SendReport:
     failed: int = 0
 
 
-class _Temporary(Exception):
-    """A failure that a later attempt may overcome; the message is a short reason."""
-
-
-class _Permanent(Exception):
-    """A failure that no retry can fix; the message is a short reason."""
-
-
-class _Unreachable(_Temporary):
-    """The server could not be reached or refused us before any mail was offered."""
-
-
-def _reply(code: int, message: bytes | str) -> str:
-    """A server reply as short text, never more than one line of it."""
-    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-    return f"{code} {' '.join(text.split())}"[:300]
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
-
-
-class _SmtpTransport:
-    """One SMTP connection, opened on first use and reused for the whole batch."""
-
-    def __init__(
-        self, settings: Settings, timeout: float, tls_context: Callable[[], ssl.SSLContext]
-    ) -> None:
-        self._smtp = settings.smtp
-        # EHLO with the desk's own domain: smtplib's default, socket.getfqdn(), can stall.
-        self._helo = settings.desk.domain
-        self._timeout = timeout
-        self._tls_context = tls_context
-        self._client: smtplib.SMTP | None = None
-
-    def _connect(self) -> smtplib.SMTP:
-        cfg = self._smtp
-        try:
-            if cfg.tls == "ssl":
-                client: smtplib.SMTP = smtplib.SMTP_SSL(
-                    cfg.host, cfg.port, self._helo, timeout=self._timeout,
-                    context=self._tls_context(),
-                )  # fmt: skip
-            else:
-                client = smtplib.SMTP(cfg.host, cfg.port, self._helo, timeout=self._timeout)
-            try:
-                if cfg.tls == "starttls":
-                    client.starttls(context=self._tls_context())
-                if cfg.username:
-                    secret = cfg.password.get_secret_value() if cfg.password else ""
-                    client.login(cfg.username, secret)
-            except BaseException:
-                client.close()
-                raise
-        # A refusal here (a bad login, say) is no fault of the mail, so it is never permanent.
-        except smtplib.SMTPResponseException as exc:
-            raise _Unreachable(f"connect: {_reply(exc.smtp_code, exc.smtp_error)}") from None
-        except (smtplib.SMTPException, OSError) as exc:
-            raise _Unreachable(f"connect to {cfg.host}:{cfg.port}: {_describe(exc)}") from None
-        return client
-
-    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
-        # smtplib closes its socket itself after some errors (a 421, a lost connection).
-        if self._client is not None and self._client.sock is None:
-            self._client = None
-        if self._client is None:
-            self._client = self._connect()
-        try:
-            return self._client.sendmail(mail_from, recipients, raw)
-        except smtplib.SMTPRecipientsRefused as exc:
-            reason = "all recipients refused: " + _refusals(exc.recipients)
-            if all(code >= 500 for code, _ in exc.recipients.values()):
-                raise _Permanent(reason) from None
-            raise _Temporary(reason) from None
-        except smtplib.SMTPResponseException as exc:
-            reason = _reply(exc.smtp_code, exc.smtp_error)
-            if 500 <= exc.smtp_code < 600:
-                raise _Permanent(reason) from None
-            raise _Temporary(reason) from None
-        except (smtplib.SMTPException, OSError) as exc:
-            self.close()
-            raise _Temporary(f"connection lost: {_describe(exc)}") from None
-
-    def close(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.quit()
-            except (smtplib.SMTPException, OSError):
-                self._client.close()
-            self._client = None
-
-
-class _MaildirTransport:
-    """Mails dropped into a maildir, for a local MTA or a test to pick up."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._box: mailbox.Maildir | None = None
-
-    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
-        try:
-            if self._box is None:
-                # Creating the subdirectories too accepts an empty directory made by hand.
-                for sub in ("tmp", "new", "cur"):
-                    (self._path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._box = mailbox.Maildir(self._path, create=True)
-            # Maildir writes into tmp/ and then renames into new/, so no reader ever sees a
-            # half-written file; bytes are written as they are, line endings included.
-            self._box.add(raw)
-        except OSError as exc:
-            raise _Temporary(f"maildir: {_describe(exc)}") from None
-        return {}
-
-    def close(self) -> None:
-        self._box = None
-
-
 def _recipients(text: str) -> list[str]:
     """The envelope recipients stored as a JSON list of addresses."""
     try:
@@ -194,12 +82,8 @@ def _recipients(text: str) -> list[str]:
     except ValueError:
         value = None
     if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
-        raise _Permanent("recipients are not a non-empty JSON list of addresses")
+        raise PermanentFailure("recipients are not a non-empty JSON list of addresses")
     return value
-
-
-def _refusals(refused: dict[str, Any]) -> str:
-    return ", ".join(f"{addr} ({_reply(code, msg)})" for addr, (code, msg) in refused.items())
 
 
 @dataclass(frozen=True)
@@ -245,10 +129,10 @@ class OutboxSender:
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
 
-    def _transport(self) -> _SmtpTransport | _MaildirTransport:
+    def _transport(self) -> SmtpTransport | MaildirTransport:
         if self.settings.smtp.transport == "maildir":
-            return _MaildirTransport(self.settings.outgoing_maildir)
-        return _SmtpTransport(self.settings, self.timeout, self._tls_context)
+            return MaildirTransport(self.settings.outgoing_maildir)
+        return SmtpTransport(self.settings, self.timeout, self._tls_context)
 
     def _due(self, now: datetime) -> sa.ColumnElement[bool]:
         return sa.and_(_ROW.status.in_(_DUE_STATUSES), _ROW.next_attempt_at <= now)
@@ -337,7 +221,7 @@ class OutboxSender:
 
     def _send_claims(
         self,
-        transport: _SmtpTransport | _MaildirTransport,
+        transport: SmtpTransport | MaildirTransport,
         claims: list[_Claim],
         counts: dict[str, int],
     ) -> bool:
@@ -380,12 +264,12 @@ class OutboxSender:
                 self._record(results)
                 self._release(claims[untried:])
             except Exception as exc:
-                log.warning("could not record the batch after an error", error=_describe(exc))
+                log.warning("could not record the batch after an error", error=describe(exc))
             raise
         return stop
 
     def _deliver(
-        self, transport: _SmtpTransport | _MaildirTransport, row: Any
+        self, transport: SmtpTransport | MaildirTransport, row: Any
     ) -> tuple[str, dict[str, Any], bool]:
         """Send one claimed row: its outcome, the values to record, and whether to stop."""
         fields = {"outbox_id": row.id, "message_id": row.message_id, "kind": row.kind,
@@ -394,12 +278,12 @@ class OutboxSender:
             recipients = _recipients(row.recipients)
             fields["recipients"] = len(recipients)
             if row.attempts > self.max_attempts:
-                raise _Permanent(f"abandoned after {row.attempts - 1} attempts")
+                raise PermanentFailure(f"abandoned after {row.attempts - 1} attempts")
             refused = transport.send(row.mail_from, recipients, row.raw)
-        except _Permanent as exc:
+        except PermanentFailure as exc:
             reason, stop = str(exc), False
-        except _Temporary as exc:
-            stop = isinstance(exc, _Unreachable)
+        except TemporaryFailure as exc:
+            stop = isinstance(exc, Unreachable)
             if row.attempts < self.max_attempts:
                 retry_at = utcnow() + self._backoff(row.attempts)
                 log.warning("mail deferred", **fields, outcome="retry", error=str(exc),
@@ -410,7 +294,7 @@ class OutboxSender:
             reason = f"gave up after {row.attempts} attempts: {exc}"
         else:
             # Recipients refused one by one are lost for good; the others did get the mail.
-            note = f"refused: {_refusals(refused)}"[:1000] if refused else None
+            note = f"refused: {refusals(refused)}"[:1000] if refused else None
             log.info("mail sent", **fields, outcome="sent", refused=len(refused))
             return "sent", {"status": "sent", "sent_at": utcnow(), "last_error": note}, False
         log.error("mail failed", **fields, outcome="failed", error=reason)

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from rig.dovecot import free_port
 from rig.smtp import RecordingSMTPServer
 
-from maildesk import database, send
+from maildesk import database, send, transport
 from maildesk.config import DeskSettings, Settings, SmtpSettings
 from maildesk.database import session_scope
 from maildesk.models import Outbox, utcnow
@@ -353,7 +353,7 @@ def test_error_mid_batch_keeps_what_is_known(
     """A bug on the third row: the first two are recorded, the third keeps its lease, the rest
     are given back untried."""
     rows = [add_mail(engine, n) for n in range(5)]
-    real_send = send._MaildirTransport.send
+    real_send = transport.MaildirTransport.send
     calls: list[bytes] = []
 
     def flaky(self: Any, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
@@ -362,7 +362,7 @@ def test_error_mid_batch_keeps_what_is_known(
             raise RuntimeError("a bug")
         return real_send(self, mail_from, recipients, raw)
 
-    monkeypatch.setattr(send._MaildirTransport, "send", flaky)
+    monkeypatch.setattr(transport.MaildirTransport, "send", flaky)
     sender = OutboxSender(make_settings(tmp_path, transport="maildir"), engine)
     with pytest.raises(RuntimeError):
         sender.send_batch()
@@ -377,13 +377,13 @@ def test_claim_stops_at_half_its_lease(
 ) -> None:
     """Rows not started before half the lease has passed are given back, not sent late."""
     rows = [add_mail(engine, n) for n in range(3)]
-    real_send = send._MaildirTransport.send
+    real_send = transport.MaildirTransport.send
 
     def slow(self: Any, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
         time.sleep(0.3)
         return real_send(self, mail_from, recipients, raw)
 
-    monkeypatch.setattr(send._MaildirTransport, "send", slow)
+    monkeypatch.setattr(transport.MaildirTransport, "send", slow)
     settings = make_settings(tmp_path, transport="maildir")
     sender = OutboxSender(settings, engine, lease=timedelta(seconds=0.4))
     assert sender.send_batch() == SendReport(sent=1)

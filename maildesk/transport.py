@@ -1,0 +1,139 @@
+"""Transports: how a rendered mail leaves, over SMTP to a relay or into a local maildir.
+
+Both take the stored bytes as they are and never re-serialise them. Their failures are sorted
+into temporary ones, which a later attempt may overcome, and permanent ones.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import smtplib
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from maildesk.config import Settings
+
+
+class TemporaryFailure(Exception):
+    """A failure that a later attempt may overcome; the message is a short reason."""
+
+
+class PermanentFailure(Exception):
+    """A failure that no retry can fix; the message is a short reason."""
+
+
+class Unreachable(TemporaryFailure):
+    """The server could not be reached or refused us before any mail was offered."""
+
+
+def reply_text(code: int, message: bytes | str) -> str:
+    """A server reply as short text, never more than one line of it."""
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    return f"{code} {' '.join(text.split())}"[:300]
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a short reason, fit for last_error and the log."""
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class SmtpTransport:
+    """One SMTP connection, opened on first use and reused for the whole batch."""
+
+    def __init__(
+        self, settings: Settings, timeout: float, tls_context: Callable[[], ssl.SSLContext]
+    ) -> None:
+        self._smtp = settings.smtp
+        # EHLO with the desk's own domain: smtplib's default, socket.getfqdn(), can stall.
+        self._helo = settings.desk.domain
+        self._timeout = timeout
+        self._tls_context = tls_context
+        self._client: smtplib.SMTP | None = None
+
+    def _connect(self) -> smtplib.SMTP:
+        cfg = self._smtp
+        try:
+            if cfg.tls == "ssl":
+                client: smtplib.SMTP = smtplib.SMTP_SSL(
+                    cfg.host, cfg.port, self._helo, timeout=self._timeout,
+                    context=self._tls_context(),
+                )  # fmt: skip
+            else:
+                client = smtplib.SMTP(cfg.host, cfg.port, self._helo, timeout=self._timeout)
+            try:
+                if cfg.tls == "starttls":
+                    client.starttls(context=self._tls_context())
+                if cfg.username:
+                    secret = cfg.password.get_secret_value() if cfg.password else ""
+                    client.login(cfg.username, secret)
+            except BaseException:
+                client.close()
+                raise
+        # A refusal here (a bad login, say) is no fault of the mail, so it is never permanent.
+        except smtplib.SMTPResponseException as exc:
+            raise Unreachable(f"connect: {reply_text(exc.smtp_code, exc.smtp_error)}") from None
+        except (smtplib.SMTPException, OSError) as exc:
+            raise Unreachable(f"connect to {cfg.host}:{cfg.port}: {describe(exc)}") from None
+        return client
+
+    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
+        # smtplib closes its socket itself after some errors (a 421, a lost connection).
+        if self._client is not None and self._client.sock is None:
+            self._client = None
+        if self._client is None:
+            self._client = self._connect()
+        try:
+            return self._client.sendmail(mail_from, recipients, raw)
+        except smtplib.SMTPRecipientsRefused as exc:
+            reason = "all recipients refused: " + refusals(exc.recipients)
+            if all(code >= 500 for code, _ in exc.recipients.values()):
+                raise PermanentFailure(reason) from None
+            raise TemporaryFailure(reason) from None
+        except smtplib.SMTPResponseException as exc:
+            reason = reply_text(exc.smtp_code, exc.smtp_error)
+            if 500 <= exc.smtp_code < 600:
+                raise PermanentFailure(reason) from None
+            raise TemporaryFailure(reason) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            self.close()
+            raise TemporaryFailure(f"connection lost: {describe(exc)}") from None
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.quit()
+            except (smtplib.SMTPException, OSError):
+                self._client.close()
+            self._client = None
+
+
+class MaildirTransport:
+    """Mails dropped into a maildir, for a local MTA or a test to pick up."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._box: mailbox.Maildir | None = None
+
+    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
+        try:
+            if self._box is None:
+                # Creating the subdirectories too accepts an empty directory made by hand.
+                for sub in ("tmp", "new", "cur"):
+                    (self._path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._box = mailbox.Maildir(self._path, create=True)
+            # Maildir writes into tmp/ and then renames into new/, so no reader ever sees a
+            # half-written file; bytes are written as they are, line endings included.
+            self._box.add(raw)
+        except OSError as exc:
+            raise TemporaryFailure(f"maildir: {describe(exc)}") from None
+        return {}
+
+    def close(self) -> None:
+        self._box = None
+
+
+def refusals(refused: dict[str, Any]) -> str:
+    """The refused recipients and their servers' replies, as one short line."""
+    return ", ".join(f"{addr} ({reply_text(code, msg)})" for addr, (code, msg) in refused.items())
