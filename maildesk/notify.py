@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from maildesk.config import Settings
 from maildesk.models import Account, Agent, Attachment, Company, Message, Outbox, Ticket, utcnow
-from maildesk.parse import REPLY_ABOVE_MARKER
+from maildesk.quotes import REPLY_ABOVE_MARKER
 from maildesk.signing import reply_address
 from maildesk.store import ATTACHMENTS_DIR, content_path
 

@@ -9,19 +9,15 @@ import email.utils
 import mimetypes
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.parser import BytesParser
-from html.parser import HTMLParser
 from typing import NamedTuple
 from urllib.parse import unquote
 
-import nh3
-
-REPLY_ABOVE_MARKER: str = "##- Répondez au-dessus de cette ligne / Reply above this line -##"
+from maildesk.htmltext import html_to_text, sanitise_html, tidy_lines
 
 
 class MalformedMail(Exception):
@@ -223,17 +219,12 @@ def _quoted(depth: int, text: str) -> str:
     return (">" * depth + (" " + text if text else "")) if depth else text
 
 
-def _tidy(text: str) -> str:
-    """Strip trailing whitespace on every line and blank lines at both ends."""
-    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
-
-
 def _body_text(part: EmailMessage) -> str:
     """Return the readable text of a text/plain part, unwrapping format=flowed."""
     text = _part_text(part)
     if str(part.get_param("format", "")).lower() == "flowed":
         text = _unflow(text, str(part.get_param("delsp", "")).lower() == "yes")
-    return _tidy(text)
+    return tidy_lines(text)
 
 
 def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
@@ -337,169 +328,6 @@ def _parse(raw: bytes) -> ParsedMail:
     )
 
 
-_PARAGRAPH_TAGS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6"})
-_BLOCK_TAGS = frozenset(
-    "address article aside blockquote center dd div dl dt figcaption figure footer form header hr"
-    " li main nav ol pre section table tr ul".split()
-)
-
-
-class _TextExtractor(HTMLParser):
-    """Collect the readable text of sanitised HTML, with blockquotes rendered as "> " lines."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.chunks: list[str] = []
-        # Newlines ending the output, so that nested blocks do not stack blank lines.
-        self._newlines = 0
-        self._pre = 0
-        self._quote = 0
-        self._lists: list[int] = []  # Next item number for <ol>, -1 for <ul>.
-        self._link: tuple[str, list[str]] | None = None  # The open link's href and text.
-
-    def _break(self, count: int) -> None:
-        """End the current line so that count newlines end the output."""
-        if self.chunks and self._newlines < count:
-            self.chunks.append("\n" * (count - self._newlines))
-            self._newlines = count
-
-    def _write(self, text: str, raw: bool = False) -> None:
-        """Append text, dropping whitespace at line starts and prefixing quoted lines."""
-        if not self.chunks or self._newlines:
-            text = text if raw else text.lstrip()
-            if text and self._quote:
-                # Capped, so that thousands of nested quotes cannot blow up the output.
-                self.chunks.append(">" * min(self._quote, 10) + " ")
-        elif not raw and text.startswith(" ") and self.chunks[-1].endswith(" "):
-            text = text[1:]
-        if text:
-            self.chunks.append(text)
-            stripped = text.rstrip("\n")
-            self._newlines = len(text) - len(stripped) + (self._newlines if not stripped else 0)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "br":
-            self.chunks.append("\n")
-            self._newlines += 1
-        elif tag in ("td", "th") and not self._newlines:
-            self._write(" ")
-        self._break(2 if tag in _PARAGRAPH_TAGS else 1 if tag in _BLOCK_TAGS else 0)
-        if tag == "blockquote":
-            self._quote += 1
-        elif tag == "pre":
-            self._pre += 1
-        elif tag in ("ul", "ol"):
-            self._lists.append(1 if tag == "ol" else -1)
-        elif tag == "li":
-            number = self._lists[-1] if self._lists else -1
-            self._write(f"{number}. " if number > 0 else "- ")
-            if number > 0:
-                self._lists[-1] += 1
-        elif tag == "a":
-            self.handle_endtag("a")  # Links do not nest: a new one closes the last, as in browsers.
-            self._link = (dict(attrs).get("href") or "", [])
-
-    def handle_endtag(self, tag: str) -> None:
-        self._break(2 if tag in _PARAGRAPH_TAGS else 1 if tag in _BLOCK_TAGS else 0)
-        if tag == "blockquote":
-            self._quote = max(0, self._quote - 1)
-        elif tag == "pre":
-            self._pre = max(0, self._pre - 1)
-        elif tag in ("ul", "ol") and self._lists:
-            self._lists.pop()
-        elif tag == "a" and self._link:
-            (href, parts), self._link = self._link, None
-            label = " ".join("".join(parts).split())
-            target = href.strip()
-            if label and target.lower().startswith(("http://", "https://", "mailto:")):
-                target = target[7:] if target.lower().startswith("mailto:") else target
-                if _bare_url(target) != _bare_url(label):
-                    self._write(f" ({target})")
-
-    def handle_data(self, data: str) -> None:
-        self._write(data, raw=True) if self._pre else self._write(re.sub(r"\s+", " ", data))
-        if self._link:
-            self._link[1].append(data)
-
-
-def _bare_url(url: str) -> str:
-    """Reduce a URL to compare it with a link's text: no scheme, no trailing slash, lowercase."""
-    return re.sub(r"^[a-z]+://", "", url.strip(), flags=re.I).rstrip("/").lower()
-
-
-def html_to_text(html: str) -> str:
-    """Convert HTML to readable plain text with line breaks, list bullets and "text (url)" links."""
-    # Sanitising first drops scripts, styles and the head, and gives html.parser well-formed
-    # input: on some malformed HTML it takes quadratic time (CVE-2025-6069, CPython gh-135462).
-    extractor = _TextExtractor()
-    extractor.feed(sanitise_html(html))
-    extractor.close()
-    text = "".join(extractor.chunks).replace("\xa0", " ")
-    return re.sub(r"\n{3,}", "\n\n", _tidy(text))
-
-
-def _filter_attribute(tag: str, attribute: str, value: str) -> str | None:
-    """Allow images only from the mail itself (cid: or raster data:), and no data:/cid: links."""
-    lowered = value.strip().lower()
-    if tag == "img" and attribute == "src":
-        allowed = ("cid:", "data:image/png", "data:image/jpeg", "data:image/gif", "data:image/webp")
-        return value if lowered.startswith(allowed) else None
-    if attribute == "href" and lowered.startswith(("data:", "cid:")):
-        return None
-    return value
-
-
-_CLEANER = nh3.Cleaner(
-    tags=nh3.ALLOWED_TAGS - {"map", "area"},
-    clean_content_tags={"script", "style", "title", "noscript", "template"},
-    attributes={
-        **nh3.ALLOWED_ATTRIBUTES,
-        "*": {"style", "dir", "lang", "title"},
-        "table": nh3.ALLOWED_ATTRIBUTES["table"]
-        | {"border", "cellpadding", "cellspacing", "width"},
-        "td": nh3.ALLOWED_ATTRIBUTES["td"] | {"width", "valign"},
-        "th": nh3.ALLOWED_ATTRIBUTES["th"] | {"width", "valign"},
-    },
-    attribute_filter=_filter_attribute,
-    url_schemes={"http", "https", "mailto", "tel", "cid", "data"},
-    # Relative URLs would resolve against the desk's own origin.
-    url_relative="deny",
-    # Only properties that cannot load anything: no background, no list-style-image, no url().
-    filter_style_properties=set(
-        "color background-color font-weight font-style font-size font-family text-align"
-        " text-decoration vertical-align white-space border border-left border-collapse margin"
-        " margin-left padding padding-left width".split()
-    ),
-)
-
-
-_TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]*)")
-# Elements that do not stay open: void ones, and those that the HTML parser closes by itself.
-_UNNESTED_TAGS = frozenset(
-    "area base br col embed hr img input link meta source track wbr p li dt dd tr td th".split()
-)
-_MAX_DEPTH = 512  # Go's html parser settled on the same limit for the same reason.
-
-
-def sanitise_html(html: str) -> str:
-    """Sanitise mail HTML: no scripts, handlers or remote loads; keep formatting, tables, links."""
-    # html5ever takes quadratic time on deep nesting, which no real mail has: count the elements
-    # left open (an end tag only closes its own kind) and flatten absurd input to text.
-    still_open: Counter[str] = Counter()
-    depth = 0
-    for closing, tag in _TAG.findall(html):
-        tag = tag.lower()
-        if tag in _UNNESTED_TAGS or (closing and not still_open[tag]):
-            continue
-        step = -1 if closing else 1
-        still_open[tag] += step
-        depth += step
-        if depth > _MAX_DEPTH:
-            html = re.sub(r"</?[a-zA-Z][^<>]*>?", " ", html)
-            break
-    return _CLEANER.clean(html).strip()
-
-
 def sanitise_filename(name: str | None, content_type: str) -> str:
     """Make an attachment name safe: no path, no control characters, at most 200, never empty."""
     # NFC, because Apple Mail sends decomposed accents.
@@ -513,54 +341,3 @@ def sanitise_filename(name: str | None, content_type: str) -> str:
         else:
             name = name[:_MAX_FILENAME].rstrip()
     return name or "attachment" + (_MIME_TYPES.guess_extension(content_type) or "")
-
-
-_MARKER = re.compile(
-    r"##-\s*r[ée]pondez|r[ée]pondez au-dessus de cette ligne|reply above this line", re.I
-)
-_ATTRIBUTION = re.compile(r"(On\s.*\d.*\swrote|Le\s.*\d.*\sa\s+écrit)\s*:", re.I)
-_ORIGINAL_MESSAGE = re.compile(r"-{2,}\s*(Original Message|Message d.origine)\s*-{2,}", re.I)
-_OUTLOOK_FROM = re.compile(r"\*?(From|De)\s*:", re.I)
-_OUTLOOK_SENT = re.compile(r"\*?(Sent|Envoyé|Date)\s*:", re.I)
-_OUTLOOK_SUBJECT = re.compile(r"\*?(Subject|Objet)\s*:", re.I)
-_FORWARD_MARKERS = ("forwarded message", "message transféré", "début du message réexpédié")
-
-
-def _outlook_header_block(lines: list[str], i: int) -> bool:
-    """Tell whether an Outlook "From: / Sent: / Subject:" block, or its French form, starts at i."""
-    if not _OUTLOOK_FROM.match(lines[i].strip()):
-        return False
-    # Forwarded messages use the same header block, but their content is new to the desk.
-    if any(marker in " ".join(lines[max(0, i - 3) : i]).lower() for marker in _FORWARD_MARKERS):
-        return False
-    following = [line.strip() for line in lines[i + 1 : i + 7]]
-    return any(map(_OUTLOOK_SENT.match, following)) and any(map(_OUTLOOK_SUBJECT.match, following))
-
-
-def _starts_history(lines: list[str], i: int) -> bool:
-    """Tell whether quoted history starts at line i."""
-    line = lines[i].strip()
-    following = lines[i + 1] if i + 1 < len(lines) else ""
-    if _MARKER.search(line) or (line.endswith("##-") and _MARKER.search(following)):
-        return True
-    if _ORIGINAL_MESSAGE.fullmatch(line):
-        return True
-    # Gmail wraps long attribution lines, so try them joined with the next lines too; the length
-    # limit keeps the regular expression from backtracking through long paragraphs.
-    for n in (1, 2, 3):
-        joined = " ".join(part.strip() for part in lines[i : i + n])
-        if len(joined) < 400 and _ATTRIBUTION.fullmatch(joined):
-            return True
-    if re.fullmatch(r"_{5,}", line) and following:
-        return _outlook_header_block(lines, i + 1)
-    return _outlook_header_block(lines, i)
-
-
-def strip_quoted_reply(text: str) -> str:
-    """Return only the new part of a reply, without the quoted history below it."""
-    lines = text.replace("\r\n", "\n").split("\n")
-    cut = next((i for i in range(len(lines)) if _starts_history(lines, i)), len(lines))
-    kept = lines[:cut]
-    while kept and (not kept[-1].strip() or kept[-1].lstrip().startswith(">")):
-        kept.pop()
-    return "\n".join(kept).strip() or text.strip()

@@ -21,7 +21,8 @@ from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.models import Account, InboundMail, Outbox, Ticket, utcnow
 from maildesk.notify import Notifier
-from maildesk.parse import MalformedMail, ParsedMail, parse_mail, strip_quoted_reply
+from maildesk.parse import MalformedMail, ParsedMail, parse_mail
+from maildesk.quotes import strip_quoted_reply
 from maildesk.signing import load_reply_key
 from maildesk.store import add_message, open_ticket, read_raw, save_raw
 

@@ -19,7 +19,7 @@ from sqlmodel import Session, func, select
 from maildesk.config import DeskSettings, PrivacySettings, Settings
 from maildesk.models import Account, Agent, Attachment, Company, Message, Outbox, Ticket
 from maildesk.notify import MAX_REFERENCES, Notifier, default_templates_dir
-from maildesk.parse import REPLY_ABOVE_MARKER
+from maildesk.quotes import REPLY_ABOVE_MARKER
 from maildesk.signing import verify_reply_address
 
 REPO = Path(__file__).resolve().parent.parent

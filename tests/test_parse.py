@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from maildesk.parse import (
-    REPLY_ABOVE_MARKER,
-    MalformedMail,
-    ParsedMail,
-    html_to_text,
-    parse_mail,
-    sanitise_filename,
-    sanitise_html,
-    strip_quoted_reply,
-)
+from maildesk.htmltext import html_to_text, sanitise_html
+from maildesk.parse import MalformedMail, ParsedMail, parse_mail, sanitise_filename
+from maildesk.quotes import REPLY_ABOVE_MARKER, strip_quoted_reply
 
 DATA = Path(__file__).parent / "data"
 PARIS = timezone(timedelta(hours=1))
