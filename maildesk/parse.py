@@ -262,10 +262,22 @@ def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
     )
 
 
+# Bounds on what anyone may make the pipeline chew on: the email package spends seconds on a
+# mail of thousands of parts, and the pipeline handles one mail at a time.
+MAX_MAIL_BYTES = 50 * 1024 * 1024
+MAX_BOUNDARY_LINES = 1000
+
+
 def parse_mail(raw: bytes) -> ParsedMail:
     """Parse raw RFC 5322 bytes into a ParsedMail; raise MalformedMail if the mail is unusable."""
     if not raw or not raw.strip():
         raise MalformedMail("empty input")
+    if len(raw) > MAX_MAIL_BYTES:
+        raise MalformedMail(f"too large ({len(raw)} bytes, the limit is {MAX_MAIL_BYTES})")
+    # Counting lines that start with "--" over-counts (signatures, quotes), never under-counts
+    # the MIME boundaries, and costs one pass over the bytes.
+    if raw.count(b"\n--") > MAX_BOUNDARY_LINES:
+        raise MalformedMail(f"too many MIME parts (over {MAX_BOUNDARY_LINES})")
     try:
         return _parse(raw)
     except MalformedMail:

@@ -744,3 +744,17 @@ def test_sanitise_filename_truncates_but_keeps_the_extension() -> None:
     assert len(name) == 200
     assert name == "é" * 196 + ".pdf"
     assert len(sanitise_filename("x" * 500, "application/octet-stream")) == 200
+
+
+def test_mails_too_large_or_of_too_many_parts_are_refused_quickly() -> None:
+    from maildesk.parse import MAX_BOUNDARY_LINES, MAX_MAIL_BYTES
+
+    head = b"From: a@client.example\r\nSubject: x\r\n"
+    with pytest.raises(MalformedMail, match="too large"):
+        parse_mail(head + b"\r\n" + b"x" * (MAX_MAIL_BYTES + 1))
+    parts = b"".join(
+        b"--b\r\nContent-Type: text/plain\r\n\r\npart\r\n" for _ in range(MAX_BOUNDARY_LINES + 1)
+    )
+    bomb = head + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
+    with pytest.raises(MalformedMail, match="too many MIME parts"):
+        parse_mail(bomb)
