@@ -399,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else load_settings(config_path(args.config))
         )
         configure_logging(settings.log.level)
+        args.actor = _actor()
         return handler(args, settings)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)

@@ -196,7 +196,7 @@ def cmd_quarantine_release(args: argparse.Namespace, settings: Settings) -> int:
     engine = database.make_engine(settings.store_url)
     database.check_schema(engine)
     try:
-        outcome = Pipeline(settings, engine).release(args.id)
+        outcome = Pipeline(settings, engine).release(args.id, actor=args.actor)
     except ValueError as exc:
         raise NotFound(str(exc)) from None
     finally:

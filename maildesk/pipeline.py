@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 from maildesk import classify, database, directory, route
 from maildesk.config import Settings
 from maildesk.logs import get_logger
-from maildesk.models import Account, InboundMail, Outbox, Ticket, utcnow
+from maildesk.models import Account, AuditEvent, InboundMail, Outbox, Ticket, utcnow
 from maildesk.notify import Notifier
 from maildesk.parse import MalformedMail, ParsedMail, parse_mail
 from maildesk.quotes import strip_quoted_reply
@@ -139,7 +139,7 @@ class Pipeline:
         )
         return outcome
 
-    def release(self, inbound_id: int) -> Outcome:
+    def release(self, inbound_id: int, *, actor: str) -> Outcome:
         """File a quarantined mail again, for example after its sender got an account."""
         with database.session_scope(self.engine) as session:
             inbound = session.get(InboundMail, inbound_id)
@@ -149,6 +149,10 @@ class Pipeline:
             delivery = Delivery(source=inbound.source, envelope_from=inbound.envelope_from)
             inbound.attempts += 1
             outcome = self._file(session, inbound, raw, delivery, released=True)
+            session.add(AuditEvent(
+                actor=actor, action="quarantine.release", ticket_id=outcome.ticket_id,
+                detail=json.dumps({"inbound": inbound_id, "outcome": outcome.outcome}),
+            ))
         self.on_commit()
         return outcome
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from e2e import CUSTOMER, RunningDesk, customer_mail, running_desk
 from rig.smtp import RecordingSMTPServer
+from sqlmodel import select
 
 from maildesk import database, directory
+from maildesk.models import AuditEvent
 
 
 def cli(desk: RunningDesk, *args: str) -> subprocess.CompletedProcess[str]:
@@ -57,6 +59,13 @@ def test_tickets_and_quarantine(tmp_path: Path, smtp_server: RecordingSMTPServer
         assert released.returncode == 0, released.stderr
         assert "ticket #2" in released.stdout
         assert json.loads(cli(desk, "quarantine", "list", "--json").stdout) == []
+        with desk.session() as session:
+            releases = session.exec(
+                select(AuditEvent).where(AuditEvent.action == "quarantine.release")
+            ).all()
+        # Both attempts are on record, the one that left the mail held and the one that filed it.
+        assert [r.ticket_id for r in releases] == [None, 2]
+        assert all(r.actor.startswith("cli:") for r in releases)
         # The released mail's ticket is acknowledged like any other.
         smtp_server.wait_for(count=1, predicate=lambda m: m.rcpt_tos == [stranger]
                              and b"[#2]" in m.raw)
