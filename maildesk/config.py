@@ -279,8 +279,6 @@ def parse_settings(data: dict[str, Any], source: str, base: Path) -> Settings:
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise ConfigError(f"{source}: {_explain(first)}") from None
-    except _KeyProblem as exc:
-        raise ConfigError(f"{source}: {_where(exc.loc)}: {exc.message}") from None
     # Relative paths are taken from the config file's directory, as systemd units and
     # operators expect, rather than from wherever the daemon happened to be started.
     desk = settings.desk

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
@@ -63,7 +63,6 @@ class RunningDesk:
     listener_port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         """Start the daemon and wait for its "started" log line."""
