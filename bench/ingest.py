@@ -36,8 +36,8 @@ import sqlalchemy as sa
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlmodel import select
 
-from maildesk import database, directory
-from maildesk.models import InboundMail, Outbox, Ticket
+from maildesk.store import database, directory
+from maildesk.store.models import InboundMail, Outbox, Ticket
 
 # The rig lives in tests/, which is no package: put it on the path, as the test suite does.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -72,7 +72,7 @@ REPLIES = {"fr": ("Toujours le même problème aujourd'hui, avez-vous du nouveau
 # (asyncio.to_thread), so each new thread gets a profiler of its own and all are merged at exit.
 PROFILED_MAIN = """
 import cProfile, pstats, sys, threading
-from maildesk.cli import main
+from maildesk.cli.main import main
 profiles = []
 def start(*_):
     profiles.append(cProfile.Profile())

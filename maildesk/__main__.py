@@ -1,5 +1,5 @@
 """Allow `python -m maildesk`."""
 
-from maildesk.cli import main
+from maildesk.cli.main import main
 
 raise SystemExit(main())

@@ -11,13 +11,13 @@ import asyncio
 import signal
 import sys
 
-from maildesk import database
 from maildesk.config import Settings
-from maildesk.fetch import ImapFetcher
-from maildesk.listen import Listener
+from maildesk.ingress.fetch import ImapFetcher
+from maildesk.ingress.listen import Listener
 from maildesk.logs import get_logger
+from maildesk.outbound.send import OutboxSender
 from maildesk.pipeline import Pipeline
-from maildesk.send import OutboxSender
+from maildesk.store import database
 
 log = get_logger("daemon")
 

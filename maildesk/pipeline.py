@@ -10,21 +10,32 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from maildesk import classify, database, directory, route
 from maildesk.config import Settings
 from maildesk.logs import get_logger
-from maildesk.models import Account, AuditEvent, InboundMail, Outbox, Ticket, utcnow
-from maildesk.notify import Notifier
-from maildesk.parse import MalformedMail, ParsedMail, parse_mail
-from maildesk.quotes import strip_quoted_reply
+from maildesk.mail.message import Delivery, Outcome, ParsedMail, StoreUnavailable
+from maildesk.mail.parse import MalformedMail, parse_mail
+from maildesk.mail.quotes import strip_quoted_reply
+from maildesk.outbound.notify import Notifier
+from maildesk.rules import classify, route
 from maildesk.signing import load_reply_key
-from maildesk.store import add_message, open_ticket, read_raw, save_raw
+from maildesk.store import database, directory, lookup
+from maildesk.store.files import read_raw, save_raw
+from maildesk.store.models import (
+    Account,
+    Agent,
+    AuditEvent,
+    Company,
+    InboundMail,
+    Outbox,
+    Ticket,
+    utcnow,
+)
+from maildesk.store.tickets import add_message, open_ticket
 
 log = get_logger("pipeline")
 
@@ -38,40 +49,6 @@ def _is_temporary(exc: Exception) -> bool:
     # A system error carries an errno (disk full, permission denied); other OSError
     # subclasses, such as jinja2's TemplateNotFound, are bugs in the installation.
     return isinstance(exc, _UNAVAILABLE) or (isinstance(exc, OSError) and exc.errno is not None)
-
-
-class StoreUnavailable(Exception):
-    """The database could not take the mail; the sender should try again later."""
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """Where a raw mail came from."""
-
-    source: str  # "imap", "smtp" or "lmtp"
-    mailbox: str | None = None
-    uidvalidity: int | None = None
-    uid: int | None = None
-    envelope_from: str | None = None
-    recipients: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of a mail once it was committed."""
-
-    inbound_id: int
-    # "ticket" (a new ticket), "followup" (a customer added to a ticket), "answer" (an agent
-    # answered), "quarantined" (held with a reason), "ignored" (an automatic mail, stored and
-    # not answered) or "duplicate" (already stored earlier; nothing new was done).
-    outcome: str
-    ticket_id: int | None = None
-    reason: str | None = None
-
-    @property
-    def quarantined(self) -> bool:
-        """Whether the mail was held rather than filed."""
-        return self.outcome == "quarantined"
 
 
 class Pipeline:
@@ -199,7 +176,9 @@ class Pipeline:
         if mail.from_address.lower() == self.settings.desk.address:
             return _finish(session, inbound, "ignored", reason="sent by the desk itself")
         automatic = classify.automatic_reason(mail, delivery)
-        sender = classify.identify_sender(session, mail, now)
+        sender = classify.identify_sender(
+            mail.from_address, lookup.directory_entry(session, mail.from_address, now)
+        )
         recipients = route.recipients_of(mail, delivery.recipients)
 
         if sender.kind == "agent":
@@ -216,26 +195,36 @@ class Pipeline:
         failure = classify.authentication_failure(mail, self.settings.security.trusted_authserv_id)
         if failure is not None:
             return _finish(session, inbound, "quarantined", reason=failure)
-        found = route.find_route(
-            session, mail, sender, recipients,
-            key=self.reply_key, desk_address=self.settings.desk.address,
+        key, desk_address = self.reply_key, self.settings.desk.address
+        named = route.subject_tags(mail)
+        signed = route.signed_ticket(
+            mail, sender.address, recipients, key=key, desk_address=desk_address
         )
-        account, company = sender.account, sender.company
+        if signed is not None:
+            named.append(signed)
+        facts = lookup.thread_facts(session, named, route.thread_message_ids(mail))
+        found = route.find_route(
+            mail, sender, recipients, facts, key=key, desk_address=desk_address
+        )
+        account = session.get(Account, sender.account_id)
+        company = session.get(Company, sender.company_id)
         assert account is not None and company is not None
         text = strip_quoted_reply(mail.text)
         agents = directory.agents_for(session, company)
         _persist(session, inbound)
         if found is not None:
+            ticket = session.get(Ticket, found.ticket_id)
+            assert ticket is not None
             message = add_message(
-                session, state_dir=self.settings.desk.state_dir, ticket=found.ticket, mail=mail,
+                session, state_dir=self.settings.desk.state_dir, ticket=ticket, mail=mail,
                 text=text, inbound_mail_id=inbound.id, matched_by=found.matched_by,
                 account=account,
             )
             self.notifier.tell_agents_followup(
-                session, ticket=found.ticket, account=account, company=company,
+                session, ticket=ticket, account=account, company=company,
                 message=message, agents=agents,
             )
-            return _finish(session, inbound, "followup", ticket=found.ticket,
+            return _finish(session, inbound, "followup", ticket=ticket,
                            reason=found.matched_by)
         ticket = open_ticket(session, account=account, mail=mail)
         message = add_message(
@@ -271,15 +260,16 @@ class Pipeline:
             return _finish(session, inbound, "quarantined",
                            reason="agent mail without a signed reply address")
         account = session.get(Account, ticket.account_id)
-        assert account is not None and sender.agent is not None
+        agent = session.get(Agent, sender.agent_id)
+        assert account is not None and agent is not None
         _persist(session, inbound)
         message = add_message(
             session, state_dir=self.settings.desk.state_dir, ticket=ticket, mail=mail,
             text=strip_quoted_reply(mail.text), inbound_mail_id=inbound.id,
-            matched_by=route.BY_REPLY_ADDRESS, agent=sender.agent,
+            matched_by=route.BY_REPLY_ADDRESS, agent=agent,
         )
         self.notifier.relay_answer(
-            session, ticket=ticket, account=account, agent=sender.agent, message=message
+            session, ticket=ticket, account=account, agent=agent, message=message
         )
         return _finish(session, inbound, "answer", ticket=ticket)
 
@@ -297,7 +287,8 @@ class Pipeline:
             ).limit(1)
         ).first()
         if already is None:
-            locale = sender.account.locale if sender.account else None
+            account = session.get(Account, sender.account_id) if sender.account_id else None
+            locale = account.locale if account else None
             try:
                 self.notifier.answer_unknown_sender(
                     session, address=sender.address, locale=locale

@@ -22,8 +22,8 @@ from rig.dovecot import ImapAccount, free_port
 from rig.smtp import RecordingSMTPServer
 from sqlmodel import Session, select
 
-from maildesk import database, directory
-from maildesk.models import InboundMail, Message, Outbox, Ticket
+from maildesk.store import database, directory
+from maildesk.store.models import InboundMail, Message, Outbox, Ticket
 
 DESK = "support@desk.example"
 CUSTOMER = "claire.dupont@client.example"

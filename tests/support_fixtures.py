@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from maildesk import database
+from maildesk.store import database
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,13 +11,14 @@ import sqlalchemy as sa
 from e2e import AGENT, CUSTOMER, DESK, customer_mail, seed
 from sqlmodel import Session, select
 
-from maildesk import database, directory
 from maildesk.config import DeskSettings, SecuritySettings, Settings
-from maildesk.models import Attachment, InboundMail, Message, Outbox, Ticket
-from maildesk.notify import Notifier
-from maildesk.pipeline import Delivery, Pipeline, StoreUnavailable
+from maildesk.mail.message import Delivery, StoreUnavailable
+from maildesk.outbound.notify import Notifier
+from maildesk.pipeline import Pipeline
 from maildesk.signing import reply_address
-from maildesk.store import ATTACHMENTS_DIR, content_path
+from maildesk.store import database, directory
+from maildesk.store.files import ATTACHMENTS_DIR, content_path
+from maildesk.store.models import Attachment, InboundMail, Message, Outbox, Ticket
 
 DATA = Path(__file__).parent / "data"
 IMAP = Delivery(source="imap", mailbox="INBOX", uidvalidity=7, uid=1)

@@ -1,0 +1,1 @@
+"""The command line: `maildesk ...`, one module per group of commands."""

@@ -1,0 +1,413 @@
+"""The `maildesk` command: the daemon, the schema, and the directory of the desk's people.
+
+Exit codes: 0 success, 1 a refused or failed operation, 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from maildesk.cli import tickets as cli_tickets
+from maildesk.config import ConfigError, Settings, config_path, load_settings
+from maildesk.logs import configure_logging
+from maildesk.store import database, directory
+from maildesk.store.database import StoreError
+from maildesk.store.directory import DirectoryError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+class CommandError(Exception):
+    """A command that failed in a way the user can act on."""
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2, default=str))
+
+
+def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[("" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _show(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        _print_json(rows)
+    else:
+        _print_table(rows, columns)
+
+
+def _parse_when(text: str) -> datetime:
+    """A date (midnight UTC) or an ISO 8601 timestamp (UTC unless it says otherwise)."""
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'expected a date like 2026-12-31, got "{text}"'
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _open_store(settings: Settings) -> sa.Engine:
+    engine = database.make_engine(settings.store_url)
+    database.check_schema(engine)
+    return engine
+
+
+def _in_transaction(settings: Settings, work: Callable[[Session], int]) -> int:
+    engine = _open_store(settings)
+    try:
+        with database.session_scope(engine) as session:
+            return work(session)
+    finally:
+        engine.dispose()
+
+
+# db
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    """Create or upgrade the schema."""
+    engine = database.make_engine(settings.store_url)
+    try:
+        before, after = database.upgrade(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        print(f"the database is up to date (revision {after})")
+    else:
+        print(f"the database was upgraded from {before or 'empty'} to revision {after}")
+    return 0
+
+
+def cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Show the schema revision."""
+    engine = database.make_engine(settings.store_url)
+    try:
+        current, head = database.current_revision(engine), database.head_revision()
+    finally:
+        engine.dispose()
+    print(f"database revision: {current or 'empty'}; this maildesk needs: {head}")
+    return 0 if current == head else EXIT_FAILED
+
+
+# companies
+
+
+def _company_view(company: Any) -> dict[str, Any]:
+    return {"name": company.name, "after_hours": company.after_hours, "active": company.active}
+
+
+def cmd_companies_add(args: argparse.Namespace, settings: Settings) -> int:
+    """Add a company."""
+
+    def work(session: Session) -> int:
+        directory.add_company(session, name=args.name, after_hours=args.after_hours, actor=_actor())
+        print(f'company "{args.name}" added')
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_companies_update(args: argparse.Namespace, settings: Settings) -> int:
+    """Change a company."""
+
+    def work(session: Session) -> int:
+        company = directory.update_company(
+            session,
+            name=args.name,
+            after_hours=args.after_hours,
+            active=False if args.inactive else (True if args.active else None),
+            actor=_actor(),
+        )
+        print(f'company "{company.name}" updated')
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_companies_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List companies."""
+
+    def work(session: Session) -> int:
+        rows = [_company_view(c) for c in directory.list_companies(session)]
+        _show(rows, ["name", "after_hours", "active"], args.json)
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+# accounts
+
+
+def _account_view(account: Any, company: Any) -> dict[str, Any]:
+    return {
+        "email": account.email,
+        "name": account.name,
+        "company": company.name,
+        "phone": account.phone,
+        "locale": account.locale,
+        "created_at": account.created_at.isoformat(),
+        "deactivated_at": account.deactivated_at.isoformat() if account.deactivated_at else None,
+        "active": directory.account_is_active(account),
+    }
+
+
+def cmd_accounts_add(args: argparse.Namespace, settings: Settings) -> int:
+    """Add an account."""
+
+    def work(session: Session) -> int:
+        account = directory.add_account(
+            session,
+            email=args.email,
+            name=args.name,
+            company=args.company,
+            phone=args.phone,
+            locale=args.locale,
+            actor=_actor(),
+        )
+        print(f"account {account.email} added")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_accounts_import(args: argparse.Namespace, settings: Settings) -> int:
+    """Import accounts from a CSV file."""
+    path = Path(args.file)
+    try:
+        data = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{path}: not UTF-8 text; save the CSV as UTF-8") from None
+
+    def work(session: Session) -> int:
+        result = directory.import_accounts(session, data, source=str(path), actor=_actor())
+        print(f"{path}: {result.created} accounts created, {result.unchanged} already present")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_accounts_update(args: argparse.Namespace, settings: Settings) -> int:
+    """Rectify an account."""
+
+    def work(session: Session) -> int:
+        account = directory.update_account(
+            session,
+            email=args.email,
+            name=args.name,
+            new_email=args.new_email,
+            phone=args.phone,
+            locale=args.locale,
+            actor=_actor(),
+        )
+        print(f"account {account.email} updated")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_accounts_deactivate(args: argparse.Namespace, settings: Settings) -> int:
+    """Deactivate an account."""
+
+    def work(session: Session) -> int:
+        account = directory.deactivate_account(
+            session, email=args.email, on=args.on, actor=_actor()
+        )
+        when = account.deactivated_at.isoformat() if account.deactivated_at else "now"
+        print(f"account {account.email} deactivated from {when}")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_accounts_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List accounts."""
+
+    def work(session: Session) -> int:
+        rows = [_account_view(a, c) for a, c in directory.list_accounts(session, args.company)]
+        _show(rows, ["email", "name", "company", "locale", "active"], args.json)
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int:
+    """Show one account."""
+
+    def work(session: Session) -> int:
+        account = directory.get_account(session, args.email)
+        company = session.get(directory.Company, account.company_id)
+        view = _account_view(account, company)
+        if args.json:
+            _print_json(view)
+        else:
+            for key, value in view.items():
+                print(f"{key + ':':16}{'' if value is None else value}")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+# agents
+
+
+def cmd_agents_add(args: argparse.Namespace, settings: Settings) -> int:
+    """Add an agent."""
+
+    def work(session: Session) -> int:
+        agent = directory.add_agent(
+            session, email=args.email, name=args.name, region=args.region, actor=_actor()
+        )
+        print(f"agent {agent.email} added ({agent.region})")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_agents_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List agents."""
+
+    def work(session: Session) -> int:
+        rows = [
+            {"email": a.email, "name": a.name, "region": a.region, "active": a.active}
+            for a in directory.list_agents(session)
+        ]
+        _show(rows, ["email", "name", "region", "active"], args.json)
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_agents_deactivate(args: argparse.Namespace, settings: Settings) -> int:
+    """Deactivate an agent."""
+
+    def work(session: Session) -> int:
+        agent = directory.deactivate_agent(session, email=args.email, actor=_actor())
+        print(f"agent {agent.email} deactivated")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+# run
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the daemon until SIGTERM or SIGINT."""
+    from maildesk.daemon import run_daemon
+
+    return run_daemon(settings)
+
+
+def cmd_quickstart(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the daemon on its embedded defaults with demo data."""
+    from maildesk.cli.quickstart import instructions, seed_demo
+    from maildesk.daemon import run_daemon
+
+    seed_demo(settings)
+    print(instructions(settings), flush=True)
+    return run_daemon(settings)
+
+
+def _quickstart_settings(args: argparse.Namespace) -> Settings:
+    from maildesk.cli.quickstart import quickstart_settings
+
+    return quickstart_settings(Path(args.state_dir), args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    from maildesk.cli.parser import build
+
+    return build(
+        {
+            "run": cmd_run,
+            "quickstart": cmd_quickstart,
+            "db upgrade": cmd_db_upgrade,
+            "db status": cmd_db_status,
+            "companies add": cmd_companies_add,
+            "companies update": cmd_companies_update,
+            "companies list": cmd_companies_list,
+            "accounts add": cmd_accounts_add,
+            "accounts import": cmd_accounts_import,
+            "accounts update": cmd_accounts_update,
+            "accounts deactivate": cmd_accounts_deactivate,
+            "accounts list": cmd_accounts_list,
+            "accounts show": cmd_accounts_show,
+            "agents add": cmd_agents_add,
+            "agents list": cmd_agents_list,
+            "agents deactivate": cmd_agents_deactivate,
+            "tickets list": cli_tickets.cmd_tickets_list,
+            "tickets show": cli_tickets.cmd_tickets_show,
+            "quarantine list": cli_tickets.cmd_quarantine_list,
+            "quarantine show": cli_tickets.cmd_quarantine_show,
+            "quarantine release": cli_tickets.cmd_quarantine_release,
+        },
+        parse_when=_parse_when,
+        quickstart_settings=_quickstart_settings,
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"maildesk: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `maildesk` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = (
+            args.embedded_settings(args)
+            if getattr(args, "embedded_settings", None)
+            else load_settings(config_path(args.config))
+        )
+        configure_logging(settings.log.level)
+        args.actor = _actor()
+        return handler(args, settings)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except (DirectoryError, StoreError, CommandError, cli_tickets.NotFound) as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except sa.exc.OperationalError as exc:
+        return _fail(f"the database is unavailable: {exc.orig}", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return 130

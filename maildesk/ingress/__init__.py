@@ -1,0 +1,1 @@
+"""Ingress: mail comes in by IMAP (fetch) or SMTP/LMTP (listen) and is handed on raw."""

@@ -1,0 +1,82 @@
+"""The types that every part of the house shares: where a mail came from, what became of it.
+
+Ingress hands a raw mail and its `Delivery` to a `Handler`, which returns an `Outcome` once the
+mail is durable, or raises `StoreUnavailable` so that the sender tries again later. Parse turns
+the raw bytes into a `ParsedMail`, which the rules decide over. Nothing here touches a
+database, the network or a template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+
+
+class StoreUnavailable(Exception):
+    """The database could not take the mail; the sender should try again later."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a raw mail came from."""
+
+    source: str  # "imap", "smtp" or "lmtp"
+    mailbox: str | None = None
+    uidvalidity: int | None = None
+    uid: int | None = None
+    envelope_from: str | None = None
+    recipients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a mail once it was committed."""
+
+    inbound_id: int
+    # "ticket" (a new ticket), "followup" (a customer added to a ticket), "answer" (an agent
+    # answered), "quarantined" (held with a reason), "ignored" (an automatic mail, stored and
+    # not answered) or "duplicate" (already stored earlier; nothing new was done).
+    outcome: str
+    ticket_id: int | None = None
+    reason: str | None = None
+
+    @property
+    def quarantined(self) -> bool:
+        """Whether the mail was held rather than filed."""
+        return self.outcome == "quarantined"
+
+
+Handler = Callable[[bytes, Delivery], Outcome]
+
+
+@dataclass(frozen=True)
+class ParsedAttachment:
+    """A non-body MIME part: a real attachment or an inline image."""
+
+    filename: str
+    content_type: str
+    data: bytes
+    inline: bool
+    content_id: str | None
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    """A decoded mail, ready for the classify and store stages."""
+
+    message: EmailMessage
+    message_id: str | None
+    in_reply_to: list[str]
+    references: list[str]
+    subject: str
+    from_name: str
+    from_address: str
+    to: list[str]
+    cc: list[str]
+    delivered_to: list[str]
+    date: datetime | None
+    text: str
+    html: str | None
+    attachments: list[ParsedAttachment]

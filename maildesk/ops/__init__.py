@@ -1,0 +1,1 @@
+"""Operations: checks, metrics, credentials and service notifications."""

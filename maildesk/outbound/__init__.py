@@ -1,0 +1,1 @@
+"""Outbound: render and enqueue maildesk's mails (notify), and drain the outbox (send)."""

@@ -1,0 +1,327 @@
+"""Notify stage: render maildesk's mails from jinja2 templates and enqueue them in the Outbox.
+
+Each mail is written to the Outbox inside the caller's transaction, so that it leaves if and
+only if the change that caused it is committed. Templates live in `templates/<locale>/`; see
+`templates/README.md` for their layout.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
+from email.message import EmailMessage
+from email.policy import Policy
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from sqlmodel import Session, col, select
+
+from maildesk.config import Settings
+from maildesk.mail.quotes import REPLY_ABOVE_MARKER
+from maildesk.signing import reply_address
+from maildesk.store.files import ATTACHMENTS_DIR, content_path
+from maildesk.store.models import (
+    Account,
+    Agent,
+    Attachment,
+    Company,
+    Message,
+    Outbox,
+    Ticket,
+    utcnow,
+)
+
+LOCALES = ("fr", "en")
+# Enough history for any client to thread the mail; the first id and the newest ones matter most.
+MAX_REFERENCES = 10
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# A msg-id as we are willing to repeat it: printable ASCII, no spaces or angle brackets inside,
+# so that no stored value, however it was received, can inject anything into a header.
+_MSG_ID = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]{1,900}>")
+
+
+class _MessageIdListHeader(UnstructuredHeader, BaseHeader):
+    """In-Reply-To and References: one msg-id per line, never turned into encoded words."""
+
+    # The standard folder treats these headers as free text and encodes any msg-id longer than
+    # a line (Outlook's often are) as an RFC 2047 word, which breaks threading; the ids are
+    # validated ASCII tokens, so one per folded line is always correct.
+    def fold(self, *, policy: Policy) -> str:
+        """The header folded with one msg-id per line."""
+        return f"{self.name}: " + f"{policy.linesep} ".join(str(self).split()) + policy.linesep
+
+
+_HEADERS = HeaderRegistry()
+_HEADERS.map_to_type("in-reply-to", _MessageIdListHeader)
+_HEADERS.map_to_type("references", _MessageIdListHeader)
+POLICY = email.policy.SMTP.clone(header_factory=_HEADERS)
+
+
+def default_templates_dir() -> Path:
+    """The source tree's top-level templates/ when present, else the copy inside the package."""
+    source = _PACKAGE_DIR.parent / "templates"
+    # pyproject.toml beside it tells a source checkout from site-packages, where some unrelated
+    # distribution might have installed a top-level "templates" folder.
+    if source.is_dir() and (_PACKAGE_DIR.parent / "pyproject.toml").is_file():
+        return source
+    return _PACKAGE_DIR / "templates"
+
+
+def _one_line(value: str) -> str:
+    # Names and subjects come partly from customers' mails; collapsing whitespace keeps a stray
+    # CR or LF from reaching a header, where the email package would refuse it.
+    return " ".join(value.split())
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    subject: str
+    text: str
+    html: str
+
+
+class Notifier:
+    """Renders maildesk's mails and enqueues them in the caller's session."""
+
+    def __init__(
+        self, settings: Settings, reply_key: bytes, templates_dir: Path | None = None
+    ) -> None:
+        self.settings = settings
+        self.reply_key = reply_key
+        self.templates_dir = templates_dir or default_templates_dir()
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(self.templates_dir),
+            # Only *.html.j2 escapes: the text part must show a customer's "<" as it is, the
+            # HTML part must never let a customer's markup through.
+            autoescape=jinja2.select_autoescape(
+                enabled_extensions=("html.j2",), default_for_string=False, default=False
+            ),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+
+    def acknowledge(
+        self, session: Session, *, ticket: Ticket, account: Account, message: Message
+    ) -> Outbox:
+        """Tell a customer that their ticket was opened, quoting nothing of their mail."""
+        locale = self._locale(account.locale)
+        rendered = self._render(
+            "acknowledgement", locale, ticket=ticket, account=account,
+            us_transfer=self._us_transfer(session, ticket),
+        )
+        return self._enqueue(
+            session, "acknowledgement", rendered, locale, _to(account.name, account.email),
+            ticket=ticket, parent=message, auto="auto-replied",
+        )
+
+    def tell_agents_new_ticket(
+        self, session: Session, *, ticket: Ticket, account: Account, company: Company,
+        message: Message, agents: list[Agent],
+    ) -> list[Outbox]:
+        """Tell each agent about a new ticket, with the customer's message and attachments."""
+        return self._tell_agents(session, "new_ticket", ticket, account, company, message, agents)
+
+    def tell_agents_followup(
+        self, session: Session, *, ticket: Ticket, account: Account, company: Company,
+        message: Message, agents: list[Agent],
+    ) -> list[Outbox]:
+        """Tell each agent about a customer's follow-up on a ticket."""
+        return self._tell_agents(session, "followup", ticket, account, company, message, agents)
+
+    def relay_answer(
+        self, session: Session, *, ticket: Ticket, account: Account, agent: Agent,
+        message: Message,
+    ) -> Outbox:
+        """Send an agent's answer to the customer, from the desk's address in the agent's name."""
+        desk = self.settings.desk
+        locale = self._locale(account.locale)
+        rendered = self._render(
+            "answer", locale, ticket=ticket, account=account, agent=agent, message=message,
+            us_transfer=self._us_transfer(session, ticket),
+        )
+        # The agent's own address stays private: replies must come back through the desk.
+        name = f"{_one_line(agent.name)} via {_one_line(desk.name)}"
+        sender = Address(name, addr_spec=desk.address)
+        return self._enqueue(
+            session, "answer", rendered, locale, _to(account.name, account.email),
+            ticket=ticket, parent=message, sender=sender, files=_attachment_rows(session, message),
+        )
+
+    def answer_unknown_sender(
+        self, session: Session, *, address: str, locale: str | None
+    ) -> Outbox:
+        """Tell an address that is no active account how to get one (ValueError if unusable)."""
+        # Only the address is given, never the mail: a forged sender gets nothing that a
+        # spammer wrote, so the desk cannot be used to relay spam.
+        to = _to("", address)
+        chosen = self._locale(locale)
+        rendered = self._render("unknown_sender", chosen, address=to.addr_spec, us_transfer=False)
+        return self._enqueue(
+            session, "unknown_sender", rendered, chosen, to,
+            ticket=None, parent=None, auto="auto-replied",
+        )
+
+    def _tell_agents(
+        self, session: Session, kind: str, ticket: Ticket, account: Account, company: Company,
+        message: Message, agents: list[Agent],
+    ) -> list[Outbox]:
+        # Staff in the US may see a company's data only under its after-hours subscription; a
+        # wrong agent list is a bug upstream, and failing loudly beats a silent transfer.
+        if not company.after_hours and any(a.region.upper() == "US" for a in agents):
+            raise ValueError(f"company {company.id} has no after-hours support: no US agents")
+        attachments = _attachments(session, message)
+        # Agents get the files themselves, not only their names: they answer from their mail
+        # client and have nowhere else to open them.
+        files = _attachment_rows(session, message)
+        sent = []
+        for agent in agents:
+            # Agents have no locale of their own: the US team reads English, the others the
+            # desk's language.
+            locale = "en" if agent.region.upper() == "US" else self.settings.desk.locale
+            rendered = self._render(
+                kind, locale, ticket=ticket, account=account, company=company, message=message,
+                agent=agent, attachments=attachments,
+            )
+            sent.append(self._enqueue(
+                session, kind, rendered, locale, _to(agent.name, agent.email),
+                ticket=ticket, parent=message, auto="auto-generated", files=files,
+            ))
+        return sent
+
+    def _attach(self, msg: EmailMessage, row: Attachment) -> None:
+        path = content_path(self.settings.desk.state_dir, ATTACHMENTS_DIR, row.sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            # Erased under the retention rules; the text still names it.
+            return
+        maintype, _, subtype = row.content_type.partition("/")
+        if not maintype or not subtype:
+            maintype, subtype = "application", "octet-stream"
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=row.filename)
+
+    def _locale(self, wanted: str | None) -> str:
+        code = (wanted or "").strip().lower()[:2]
+        return code if code in LOCALES else self.settings.desk.locale
+
+    def _us_transfer(self, session: Session, ticket: Ticket) -> bool:
+        # The footer mentions the transfer to US staff only to customers it applies to.
+        company = session.get(Company, ticket.company_id)
+        return bool(company and company.after_hours)
+
+    def _render(self, name: str, locale: str, **context: Any) -> _Rendered:
+        ticket = context.get("ticket")
+        tag = f"[#{ticket.id}]" if ticket is not None else ""
+        context.update(
+            desk=self.settings.desk, privacy=self.settings.privacy, locale=locale, tag=tag,
+            reply_marker=REPLY_ABOVE_MARKER,
+            topic=_one_line(ticket.subject.replace(tag, "")) if ticket is not None else "",
+        )
+
+        def render(suffix: str) -> str:
+            return self.env.get_template(f"{locale}/{name}.{suffix}").render(context)
+
+        text = render("txt.j2").strip("\n") + "\n"
+        return _Rendered(_one_line(render("subject.j2")), text, render("html.j2"))
+
+    def _enqueue(
+        self, session: Session, kind: str, rendered: _Rendered, locale: str, to: Address, *,
+        ticket: Ticket | None, parent: Message | None, auto: str | None = None,
+        sender: Address | None = None, files: Sequence[Attachment] = (),
+    ) -> Outbox:
+        desk = self.settings.desk
+        msg = EmailMessage(policy=POLICY)
+        message_id = make_msgid(domain=desk.domain)
+        msg["Message-ID"] = message_id
+        msg["Date"] = format_datetime(utcnow())
+        msg["From"] = sender or Address(_one_line(desk.name), addr_spec=desk.address)
+        msg["To"] = to
+        msg["Subject"] = rendered.subject
+        if ticket is not None:
+            if ticket.id is None:
+                raise ValueError("the ticket has no id yet: flush it before notifying")
+            parent_id = parent.message_id if parent is not None else None
+            in_reply_to, references = _thread(session, ticket.id, parent_id)
+            if in_reply_to:
+                msg["In-Reply-To"] = in_reply_to
+            if references:
+                msg["References"] = " ".join(references)
+            signed = reply_address(self.reply_key, desk.address, ticket.id, to.addr_spec)
+            msg["Reply-To"] = Address(_one_line(desk.name), addr_spec=signed)
+        if auto is not None:
+            msg["Auto-Submitted"] = auto
+            msg["X-Auto-Response-Suppress"] = "All"
+        # Quoted-printable keeps the body 7-bit, so any relay takes it, and stays readable.
+        msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
+        msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
+        for row in files:
+            self._attach(msg, row)
+        # Set last: set_content() and add_alternative() move or drop Content-* headers.
+        msg["Content-Language"] = locale
+        outbox = Outbox(
+            kind=kind, message_id=message_id, mail_from=desk.address,
+            recipients=json.dumps([to.addr_spec]), raw=msg.as_bytes(policy=POLICY),
+            ticket_id=ticket.id if ticket is not None else None,
+        )
+        # Flush, never commit: the caller's transaction decides for the mail and its cause.
+        session.add(outbox)
+        session.flush()
+        return outbox
+
+
+def _to(name: str, address: str) -> Address:
+    # The email package reports unusable addresses as assorted errors (an empty one even as an
+    # IndexError); callers get one ValueError, meaning "nothing can be sent there".
+    try:
+        return Address(_one_line(name), addr_spec=address.strip())
+    except (ValueError, IndexError):
+        raise ValueError(f"cannot send mail to {address!r}") from None
+
+
+def _attachments(session: Session, message: Message) -> list[dict[str, Any]]:
+    if message.id is None:
+        return []
+    rows = session.exec(
+        select(Attachment).where(Attachment.message_id == message.id).order_by(col(Attachment.id))
+    )
+    return [{"name": row.filename, "inline": row.inline} for row in rows]
+
+
+def _attachment_rows(session: Session, message: Message) -> list[Attachment]:
+    if message.id is None:
+        return []
+    query = select(Attachment).where(Attachment.message_id == message.id)
+    return list(session.exec(query.order_by(col(Attachment.id))))
+
+
+def _thread(
+    session: Session, ticket_id: int, parent_id: str | None
+) -> tuple[str | None, list[str]]:
+    """In-Reply-To and References for a mail about a ticket: its thread in order, parent last."""
+    messages = session.exec(
+        select(Message.created_at, Message.message_id).where(Message.ticket_id == ticket_id)
+    ).all()
+    sent = session.exec(
+        select(Outbox.created_at, Outbox.message_id).where(Outbox.ticket_id == ticket_id)
+    ).all()
+    ordered = [mid for _, mid in sorted([*messages, *sent], key=lambda row: row[0]) if mid]
+    ids = [mid for mid in dict.fromkeys(ordered) if _MSG_ID.fullmatch(mid)]
+    parent = parent_id if parent_id and _MSG_ID.fullmatch(parent_id) else None
+    if parent is not None:
+        # Clients read References as a chain of ancestors ending with the parent, so mails
+        # newer than the parent (its other replies) would misplace it in the thread.
+        if parent in ids:
+            ids = ids[: ids.index(parent)]
+        ids.append(parent)
+    if len(ids) > MAX_REFERENCES:
+        ids = [ids[0], *ids[-(MAX_REFERENCES - 1) :]]
+    return parent, ids

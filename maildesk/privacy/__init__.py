@@ -1,0 +1,1 @@
+"""Privacy: retention, export and the rights of the people whose data the desk keeps."""

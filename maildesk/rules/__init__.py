@@ -1,0 +1,1 @@
+"""Rules: pure decisions over a parsed mail and the facts looked up for it."""

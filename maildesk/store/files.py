@@ -1,0 +1,61 @@
+"""The files of the store: raw mails and attachments, kept on disk by their SHA-256.
+
+Files are content-addressed (named by their SHA-256) and written before the transaction that
+refers to them commits: a crash in between leaves at worst an unreferenced file, never a row
+that points at nothing. Writing the same content twice is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+RAW_DIR = "raw"
+ATTACHMENTS_DIR = "attachments"
+
+
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of `data`, in hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_once(path: Path, data: bytes) -> None:
+    """Write `data` at `path` durably and atomically, unless it is already there."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def content_path(state_dir: Path, kind: str, digest: str) -> Path:
+    """Where the file with that digest lives."""
+    return state_dir / kind / digest[:2] / digest
+
+
+def save_raw(state_dir: Path, raw: bytes) -> tuple[str, str]:
+    """Keep a raw mail; returns its SHA-256 and its path relative to the state directory."""
+    digest = sha256_hex(raw)
+    path = content_path(state_dir, RAW_DIR, digest)
+    write_once(path, raw)
+    return digest, str(path.relative_to(state_dir))
+
+
+def read_raw(state_dir: Path, relative_path: str) -> bytes:
+    """The raw mail kept at `relative_path`."""
+    return (state_dir / relative_path).read_bytes()

@@ -1,0 +1,68 @@
+"""The facts that the rules decide over, looked up in the store for one mail.
+
+The rules in `maildesk.rules` read no database: the pipeline asks this module what the store
+knows of a mail's sender and of the tickets the mail names, and hands the answers over as plain
+values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from maildesk.rules.classify import DirectoryEntry
+from maildesk.rules.route import ThreadFacts, TicketFacts
+from maildesk.store import directory
+from maildesk.store.models import Company, Message, Outbox, Ticket
+
+
+def directory_entry(session: Session, address: str, now: datetime) -> DirectoryEntry:
+    """What the directory holds for a From address at `now`."""
+    agent = directory.find_agent(session, address)
+    if agent is not None and agent.active:
+        return DirectoryEntry(agent_id=agent.id)
+    account = directory.find_account(session, address)
+    if account is None:
+        return DirectoryEntry()
+    company = session.get(Company, account.company_id)
+    active = directory.account_is_active(account, now) and company is not None and company.active
+    return DirectoryEntry(
+        account_id=account.id, company_id=account.company_id, account_active=active
+    )
+
+
+def thread_facts(
+    session: Session, ticket_ids: Iterable[int], message_ids: list[str]
+) -> ThreadFacts:
+    """The tickets named by these ids and Message-IDs, and whom each belongs to."""
+    by_message_id: dict[str, int] = {}
+    wanted = list(dict.fromkeys(message_ids))
+    # Chunks keep the IN lists within every database's limits on parameters.
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        sent = session.exec(
+            select(Outbox.message_id, Outbox.ticket_id).where(
+                col(Outbox.message_id).in_(chunk), col(Outbox.ticket_id).is_not(None)
+            )
+        )
+        received = session.exec(
+            select(Message.message_id, Message.ticket_id).where(col(Message.message_id).in_(chunk))
+        )
+        # A received message counts before a sent one with the same id: it is the thread's own.
+        for message_id, ticket_id in [*sent, *received]:
+            if message_id is not None and ticket_id is not None:
+                by_message_id[message_id] = ticket_id
+    ids = sorted({*ticket_ids, *by_message_id.values()})
+    tickets: dict[int, TicketFacts] = {}
+    for start in range(0, len(ids), 500):
+        rows = session.exec(
+            select(Ticket.id, Ticket.account_id, Ticket.company_id).where(
+                col(Ticket.id).in_(ids[start : start + 500])
+            )
+        )
+        for ticket_id, account_id, company_id in rows:
+            if ticket_id is not None:
+                tickets[ticket_id] = TicketFacts(ticket_id, account_id, company_id)
+    return ThreadFacts(tickets=tickets, by_message_id=by_message_id)
