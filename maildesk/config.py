@@ -102,6 +102,12 @@ class ListenerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 2525
     protocol: Literal["smtp", "lmtp"] = "smtp"
+    # Bounds on what clients may make the listener hold, so that no peer can exhaust it.
+    max_sessions: Annotated[int, Field(ge=1)] = 50
+    max_recipients: Annotated[int, Field(ge=1)] = 50
+    max_bytes_in_flight: Annotated[int, Field(ge=1024)] = 200 * 1024 * 1024
+    idle_timeout_seconds: Annotated[int, Field(ge=1)] = 300
+    data_timeout_seconds: Annotated[int, Field(ge=1)] = 600
 
 
 class SmtpSettings(_Section):
@@ -138,6 +144,26 @@ class SecuritySettings(_Section):
     trusted_authserv_id: str | None = None
 
 
+class LimitsSettings(_Section):
+    """[limits]: bounds on every mail's size and shape, and on automatic mail."""
+
+    # The largest mail taken in (IMAP checks RFC822.SIZE first; the listener announces SIZE).
+    max_mail_bytes: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024
+    max_parts: Annotated[int, Field(ge=1)] = 500
+    max_depth: Annotated[int, Field(ge=1)] = 20
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    # CPU seconds that parsing one mail may take before it is stopped and the mail quarantined.
+    parse_seconds: Annotated[float, Field(gt=0, strict=False)] = 10.0
+    # Automatic mails (acknowledgements, notices, answers to strangers) to one mailbox a day.
+    automatic_per_mailbox_per_day: Annotated[int, Field(ge=1)] = 20
+    # A sender who opens more than breaker_tickets tickets in breaker_minutes gets no more
+    # automatic mail until the window passes: a loop with an auto-responder ends there.
+    breaker_tickets: Annotated[int, Field(ge=1)] = 10
+    breaker_minutes: Annotated[int, Field(ge=1)] = 10
+    # Answers to strangers, all addresses together, per hour.
+    stranger_answers_per_hour: Annotated[int, Field(ge=0)] = 30
+
+
 class LogSettings(_Section):
     """[log]: how much to say."""
 
@@ -154,6 +180,7 @@ class Settings(_Section):
     smtp: SmtpSettings = SmtpSettings()
     privacy: PrivacySettings = PrivacySettings()
     security: SecuritySettings = SecuritySettings()
+    limits: LimitsSettings = LimitsSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

@@ -28,6 +28,9 @@ class Delivery:
     uid: int | None = None
     envelope_from: str | None = None
     recipients: tuple[str, ...] = ()
+    # Set by IMAP for a mail over the size limit: its declared size. Only its header section
+    # was downloaded, and the pipeline quarantines it without parsing a body.
+    oversize: int | None = None
 
 
 @dataclass(frozen=True)
