@@ -21,6 +21,12 @@ from maildesk.store import database
 
 log = get_logger("daemon")
 
+# Said once at start-up (and by `maildesk check`) when no MTA's verdicts are trusted.
+TRUST_WARNING = (
+    "no [security] trusted_authserv_id: agent actions rest on the signed reply address alone, "
+    "and no sender's From is checked against SPF, DKIM or DMARC"
+)
+
 
 async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     """Run every enabled stage until `stop` is set; False if a stage failed."""
@@ -34,11 +40,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     sender = OutboxSender(settings, engine)
     tasks = [asyncio.create_task(sender.run(stop, wake), name="send")]
     if settings.imap.enabled:
-        fetcher = ImapFetcher(settings.imap, pipeline.process, pipeline.stored_uids)
+        fetcher = ImapFetcher(
+            settings.imap, pipeline.process, pipeline.stored_uids,
+            max_mail_bytes=settings.limits.max_mail_bytes,
+        )  # fmt: skip
         tasks.append(asyncio.create_task(fetcher.run(stop), name="fetch"))
     listener: Listener | None = None
     if settings.listener.enabled:
-        listener = Listener(settings.listener, settings.desk.address, pipeline.process)
+        listener = Listener(
+            settings.listener, settings.desk.address, pipeline.process,
+            max_mail_bytes=settings.limits.max_mail_bytes,
+        )  # fmt: skip
         await listener.start()
     log.info(
         "started",
@@ -48,6 +60,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
         listener=f"{settings.listener.host}:{listener.port}" if listener else None,
         transport=settings.smtp.transport,
     )
+    if not settings.security.trusted_authserv_id:
+        log.warning(TRUST_WARNING)
     failed = False
     try:
         done, _pending = await asyncio.wait(

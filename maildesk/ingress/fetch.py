@@ -4,6 +4,10 @@ A mail leaves the watched folder only after the pipeline's transaction has commi
 crash at any point loses nothing: a mail still in the folder is simply looked at again, and
 `stored` tells which of them were stored already (those are only moved). The store's ledger of
 UIDs is the checkpoint: only UIDs it does not hold are ever FETCHed.
+
+Sizes come first (RFC822.SIZE): a mail over the size limit is never downloaded whole. Only its
+header section is, and the handler gets it with `Delivery.oversize` set, so that the pipeline
+can quarantine it and tell its sender.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ Stored = Callable[[str, int, list[int]], set[int]]
 log = get_logger("fetch")
 
 FETCH_BATCH = 50  # mails per FETCH or MOVE command
-BIG_MAIL_BYTES = 1024 * 1024  # a mail larger than this is fetched alone, to bound memory
+FETCH_BATCH_BYTES = 1024 * 1024  # bytes per FETCH of whole mails; a larger mail comes alone
+HEADER_CAP = 256 * 1024  # the most of an oversized mail's header section that is downloaded
 MAX_ATTEMPTS = 3  # handler failures before a mail is quarantined as poison
 IDLE_CHECK_SECONDS = 1.0  # how often IDLE looks at `stop`
 IDLE_RENEW_SECONDS = 25 * 60  # RFC 2177: servers may drop an IDLE after 30 minutes
@@ -89,22 +94,21 @@ class _Connection:
         _, announced = imap.response("EXISTS")
         return uidvalidity, uids, announced != [None]
 
-    def batches(self, uids: list[int]) -> list[list[int]]:
-        """Split UIDs into FETCH batches of up to FETCH_BATCH small mails or one big mail."""
-        big = set(self.client.search(["LARGER", BIG_MAIL_BYTES])) if uids else set()
-        batches: list[list[int]] = []
-        for uid in uids:
-            full = not batches or len(batches[-1]) >= FETCH_BATCH or batches[-1][0] in big
-            if full or uid in big:
-                batches.append([uid])
-            else:
-                batches[-1].append(uid)
-        return batches
+    def sizes(self, uids: list[int]) -> dict[int, int]:
+        """The declared size (RFC822.SIZE) of each UID still in the folder."""
+        data = self.client.fetch(uids, ["RFC822.SIZE"])
+        return {int(uid): int(item[b"RFC822.SIZE"]) for uid, item in data.items()}
 
     def bodies(self, uids: list[int]) -> dict[int, bytes]:
         """Fetch raw mails without setting \\Seen (BODY.PEEK), keyed by UID."""
         data = self.client.fetch(uids, ["BODY.PEEK[]"])
         return {int(uid): bytes(item[b"BODY[]"]) for uid, item in data.items()}
+
+    def headers(self, uids: list[int]) -> dict[int, bytes]:
+        """Fetch at most HEADER_CAP bytes of each mail's header section, keyed by UID."""
+        # A partial fetch, so that a mail made of one endless header cannot fill memory either.
+        data = self.client.fetch(uids, [f"BODY.PEEK[HEADER]<0.{HEADER_CAP}>"])
+        return {int(uid): bytes(item[b"BODY[HEADER]<0>"]) for uid, item in data.items()}
 
     def move(self, uids: list[int], folder: str) -> None:
         """Move UIDs to a folder: MOVE, else COPY + \\Deleted + UID EXPUNGE of just those."""
@@ -163,8 +167,12 @@ class _Connection:
 class ImapFetcher:
     """Read mails from an IMAP folder into the pipeline, moving each away once it committed."""
 
-    def __init__(self, settings: ImapSettings, handler: Handler, stored: Stored) -> None:
-        """Remember the settings and the pipeline callbacks; connect lazily."""
+    def __init__(
+        self, settings: ImapSettings, handler: Handler, stored: Stored, *, max_mail_bytes: int
+    ) -> None:
+        """Remember the settings, the pipeline callbacks and the largest mail to download whole;
+        connect lazily.
+        """
         if not settings.username or settings.password is None:
             raise ValueError("IMAP needs a username and a password")
         if settings.folder in (settings.processed_folder, settings.quarantine_folder):
@@ -173,6 +181,7 @@ class ImapFetcher:
         self._settings = settings
         self._handler = handler
         self._stored = stored
+        self._max_mail_bytes = max_mail_bytes
         self._conn: _Connection | None = None
         # Failed handler attempts per (uidvalidity, uid); in memory, as a restart may retry.
         self._attempts: dict[tuple[int, int], int] = {}
@@ -260,35 +269,62 @@ class ImapFetcher:
         fresh = [uid for uid in uids if uid not in seen]
         handled = 0
         try:
-            for batch in await asyncio.to_thread(conn.batches, fresh):
+            for start in range(0, len(fresh), FETCH_BATCH):
                 if stop.is_set():
                     break
-                bodies = await asyncio.to_thread(conn.bodies, batch)
-                for uid in batch:
+                chunk = fresh[start : start + FETCH_BATCH]
+                sizes = await asyncio.to_thread(conn.sizes, chunk)
+                for group, headers_only in plan_downloads(chunk, sizes, self._max_mail_bytes):
                     if stop.is_set():
                         break
-                    if uid not in bodies:
-                        continue  # Expunged by someone else since the search.
-                    folder, took = await self._handle(conn, uidvalidity, uid, bodies.pop(uid))
-                    if folder is not None:
-                        moves[folder].append(uid)
-                    handled += took
-                # Moving a whole batch at once costs one command instead of fifty; a crash
-                # before it only means those mails are found again and moved via `seen`.
-                await self._flush(conn, moves)
+                    oversizes = {uid: sizes[uid] for uid in group} if headers_only else {}
+                    handled += await self._download(
+                        conn, uidvalidity, group, oversizes, moves, stop
+                    )
+                    # Moving a whole batch at once costs one command instead of fifty; a crash
+                    # before it only means those mails are found again and moved via `seen`.
+                    await self._flush(conn, moves)
         except StoreUnavailable:
             await self._flush(conn, moves)
             raise
         await self._flush(conn, moves)
         return handled
 
+    async def _download(
+        self, conn: _Connection, uidvalidity: int, uids: list[int], oversizes: dict[int, int],
+        moves: dict[str, list[int]], stop: asyncio.Event,
+    ) -> int:  # fmt: skip
+        """Fetch and handle one group: whole mails, or only the headers of those in
+        `oversizes` (UID to declared size); return how many the handler took.
+        """
+        fetch = conn.headers if oversizes else conn.bodies
+        raws = await asyncio.to_thread(fetch, uids)
+        handled = 0
+        for uid in uids:
+            if stop.is_set():
+                break
+            if uid not in raws:
+                continue  # Expunged by someone else since the search.
+            oversize = oversizes.get(uid)
+            if oversize is not None:
+                log.info(
+                    "imap.oversize", uid=uid, uidvalidity=uidvalidity, size=oversize,
+                    limit=self._max_mail_bytes,
+                )  # fmt: skip
+            folder, took = await self._handle(conn, uidvalidity, uid, raws.pop(uid), oversize)
+            if folder is not None:
+                moves[folder].append(uid)
+            handled += took
+        return handled
+
     async def _handle(
-        self, conn: _Connection, uidvalidity: int, uid: int, raw: bytes
+        self, conn: _Connection, uidvalidity: int, uid: int, raw: bytes, oversize: int | None
     ) -> tuple[str | None, bool]:
         """Run the handler on one mail; return where to move it (None: keep) and if it took."""
         delivery = Delivery(
-            source="imap", mailbox=self._settings.folder, uidvalidity=uidvalidity, uid=uid
-        )
+            source="imap", mailbox=self._settings.folder, uidvalidity=uidvalidity, uid=uid,
+            oversize=oversize,
+        )  # fmt: skip
         key = (uidvalidity, uid)
         try:
             outcome = await asyncio.to_thread(self._handler, raw, delivery)
@@ -367,6 +403,38 @@ class ImapFetcher:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abandon()
+
+
+def plan_downloads(
+    uids: list[int], sizes: dict[int, int], max_mail_bytes: int
+) -> list[tuple[list[int], bool]]:
+    """Group UIDs into FETCHes, in order: (uids, headers_only).
+
+    Mails up to max_mail_bytes are fetched whole, up to FETCH_BATCH of them and FETCH_BATCH_BYTES
+    together (a larger one alone); a mail over max_mail_bytes gets a headers-only FETCH of its
+    own. A UID without a size was expunged since the search and is left out.
+    """
+    plan: list[tuple[list[int], bool]] = []
+    group: list[int] = []
+    group_bytes = 0
+    for uid in uids:
+        size = sizes.get(uid)
+        if size is None:
+            continue
+        if size > max_mail_bytes:
+            if group:
+                plan.append((group, False))
+                group, group_bytes = [], 0
+            plan.append(([uid], True))
+            continue
+        if group and (len(group) >= FETCH_BATCH or group_bytes + size > FETCH_BATCH_BYTES):
+            plan.append((group, False))
+            group, group_bytes = [], 0
+        group.append(uid)
+        group_bytes += size
+    if group:
+        plan.append((group, False))
+    return plan
 
 
 def _unread_input(client: IMAPClient) -> bool | None:

@@ -2,17 +2,21 @@
 
 The final reply to DATA is sent only after the pipeline's transaction has committed, so a
 sending MTA that got 250 can forget the mail, and one that got 451 keeps it and retries.
+
+No peer can make the listener hold more than its settings allow: concurrent sessions,
+recipients per mail, bytes per mail (announced as SIZE in EHLO), bytes of all the mails being
+received or stored at once, and the time a session may stay idle or spend in DATA.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
+import logging
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from maildesk.config import ListenerSettings
 from maildesk.logs import get_logger
@@ -20,8 +24,14 @@ from maildesk.mail.message import Delivery, Handler, StoreUnavailable
 
 log = get_logger("listen")
 
-DATA_SIZE_LIMIT = 50 * 1024 * 1024
 TEMPORARY_FAILURE = "451 4.3.0 Temporary failure, please try again later"
+TOO_BIG = "552 5.3.4 Message too big for this desk (limit {limit} bytes)"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+SYSTEM_BUSY = "451 4.3.2 System busy, try again later"
+DATA_TIMEOUT = "421 4.4.2 DATA took too long, closing connection"
+# aiosmtpd's own reply for a line over RFC 5321's 1000 octets, kept as it was.
+LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 STOP_GRACE_SECONDS = 30.0  # how long stop() waits for mails being stored
 
 
@@ -42,8 +52,30 @@ class DeskAddresses:
         return local == self.local or local.startswith(self.local + "+")
 
 
+class ByteBudget:
+    """The bytes that all mails being received or stored may hold together."""
+
+    def __init__(self, limit: int) -> None:
+        """Start with nothing held."""
+        self.limit = limit
+        self.held = 0
+
+    def take(self, count: int) -> bool:
+        """Hold `count` more bytes if that stays within the limit; False (and hold nothing) if
+        it would not.
+        """
+        if self.held + count > self.limit:
+            return False
+        self.held += count
+        return True
+
+    def give_back(self, count: int) -> None:
+        """Release bytes taken earlier."""
+        self.held -= count
+
+
 class _DeskHandler:
-    """aiosmtpd hooks: filter recipients, hand DATA to the pipeline."""
+    """aiosmtpd hooks: bound and filter recipients."""
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
@@ -52,36 +84,167 @@ class _DeskHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:  # fmt: skip
-        """Accept only the desk's own addresses."""
+        """Accept only the desk's own addresses, and only so many of them."""
+        if len(envelope.rcpt_tos) >= self._listener.max_recipients:
+            return TOO_MANY_RECIPIENTS
         if not self._listener.addresses.accepts(address):
-            log.info("listener.rejected_recipient", peer=str(session.peer), recipient=address)
+            # A reply address with a mistyped domain still carries its signed token in the
+            # local part, so the log gets only what helps to diagnose: domain and length.
+            log.info(
+                "listener.rejected_recipient", peer=str(session.peer),
+                domain=address.rpartition("@")[2].lower(), length=len(address),
+            )  # fmt: skip
             return f"550 5.1.1 <{address}>: not a mailbox of this desk"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        """Store the mail once, then answer once per recipient for LMTP, once for SMTP."""
-        status = await self._listener.deliver(envelope)
-        if self._listener.protocol == "lmtp":
-            # aiosmtpd's LMTP sends whatever handle_DATA returns, so the per-recipient replies
-            # that RFC 2033 requires are joined into one multi-line push.
-            return "\r\n".join(status for _ in envelope.rcpt_tos)
-        return status
+
+class _DeskSMTP(SMTP):
+    """aiosmtpd's SMTP session, held to the listener's bounds.
+
+    DATA is read here rather than by aiosmtpd: aiosmtpd answers an oversized mail with a reply
+    of its own wording, counts dot-stuffing against the limit, and keeps every piece of an
+    overlong line in memory until a CRLF comes, which may be never.
+    """
+
+    def __init__(self, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(_DeskHandler(listener), **kwargs)
+        self._listener = listener
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the session, or refuse it with 421 when max_sessions are already open."""
+        if not self._listener._admit(self):
+            peer = transport.get_extra_info("peername")
+            log.warning("listener.too_many_sessions", peer=str(peer))
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+            transport.close()  # Sends what was written first.
+            return
+        self._admitted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Free the session's place."""
+        if not self._admitted:
+            return  # Refused: aiosmtpd never started a session to clean up.
+        self._listener._forget(self)
+        super().connection_lost(error)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """Receive the mail within the size, memory and time bounds, then store it."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # aiosmtpd's idle timer counts from the last command, so it would also cut a mail that
+        # is still arriving, and one that is being stored; DATA has its own bound instead.
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            async with asyncio.timeout(self._listener.data_timeout):
+                refusal, raw, held = await self._receive()
+        except TimeoutError:
+            log.info("listener.data_timeout", peer=str(self.session.peer))
+            await self.push(DATA_TIMEOUT)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        envelope = self.envelope
+        self._set_post_data_state()
+        status = refusal or await self._listener.deliver(envelope, raw, held)
+        # RFC 2033: LMTP answers the end of DATA once per accepted recipient.
+        count = len(envelope.rcpt_tos) if self._listener.protocol == "lmtp" else 1
+        await self.push("\r\n".join([status] * count))
+        if self.transport is not None:
+            self._reset_timeout()
+
+    async def _receive(self) -> tuple[str | None, bytes, int]:
+        """Read DATA up to the lone dot: a refusal, or None, the mail and the bytes it holds.
+
+        A mail being refused is read to its end (RFC 5321 answers only then) but not kept.
+        """
+        limit = self.data_size_limit or 0
+        budget = self._listener.budget
+        mail, size, held = bytearray(), 0, 0
+        keeping, too_long, busy = True, False, False
+        in_overlong_line = False
+        try:
+            while True:
+                try:
+                    line = await self._reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as overrun:
+                    # A line longer than the reader's limit comes in pieces, none of them kept.
+                    chunk = await self._reader.read(overrun.consumed)
+                    size += len(chunk)
+                    too_long = in_overlong_line = True
+                else:
+                    if in_overlong_line:
+                        # The rest of an overlong line, not a line of its own (not even ".").
+                        in_overlong_line = False
+                        size += len(line)
+                    elif line == b".\r\n":
+                        break
+                    else:
+                        too_long = too_long or len(line) > self.line_length_limit
+                        # RFC 5321 4.5.2: remove the transparency dot; SIZE counts the mail.
+                        line = line[1:] if line.startswith(b".") else line
+                        size += len(line)
+                        if keeping and size <= limit and not too_long:
+                            if budget.take(len(line)):
+                                held += len(line)
+                                mail += line
+                                continue
+                            busy = True
+                if keeping and (too_long or busy or size > limit):
+                    keeping = False
+                    budget.give_back(held)
+                    held, mail = 0, bytearray()
+        except BaseException:
+            budget.give_back(held)
+            raise
+        if size > limit:
+            log.info("listener.too_big", size=size, limit=limit)
+            return TOO_BIG.format(limit=limit), b"", 0
+        if too_long:
+            return LINE_TOO_LONG, b"", 0
+        if busy:
+            log.warning("listener.busy", size=size, in_flight=budget.held, limit=budget.limit)
+            return SYSTEM_BUSY, b"", 0
+        return None, bytes(mail), held
+
+
+class _DeskLMTP(_DeskSMTP, LMTP):
+    """The same session speaking LMTP (LHLO instead of HELO and EHLO)."""
 
 
 class Listener:
     """An SMTP or LMTP server in the running event loop that feeds the pipeline."""
 
-    def __init__(self, settings: ListenerSettings, desk_address: str, handler: Handler) -> None:
-        """Remember the settings; call start() to listen."""
+    def __init__(
+        self, settings: ListenerSettings, desk_address: str, handler: Handler, *,
+        max_mail_bytes: int,
+    ) -> None:  # fmt: skip
+        """Remember the settings and the largest mail to take in; call start() to listen."""
         self._settings = settings
         self._handler = handler
+        self._max_mail_bytes = max_mail_bytes
         self.addresses = DeskAddresses(desk_address)
         self.protocol = settings.protocol
+        self.max_recipients = settings.max_recipients
+        self.data_timeout = float(settings.data_timeout_seconds)
+        self.budget = ByteBudget(settings.max_bytes_in_flight)
         self._server: asyncio.Server | None = None
-        # Weak: a session is forgotten once its connection is gone.
-        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        # The sessions that got a place; each leaves in its connection_lost().
+        self._sessions: set[_DeskSMTP] = set()
         self._inflight: set[asyncio.Future[Any]] = set()
 
     @property
@@ -92,22 +255,36 @@ class Listener:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _factory(self) -> SMTP:
-        server_class = LMTP if self.protocol == "lmtp" else SMTP
-        session = server_class(
-            _DeskHandler(self),
-            data_size_limit=DATA_SIZE_LIMIT,
+        server_class = _DeskLMTP if self.protocol == "lmtp" else _DeskSMTP
+        return server_class(
+            self,
+            # aiosmtpd announces SIZE in EHLO and refuses a larger SIZE= in MAIL FROM.
+            data_size_limit=self._max_mail_bytes,
             # The pipeline wants the bytes exactly as received, not text.
             decode_data=False,
             enable_SMTPUTF8=True,
             hostname=self.addresses.domain,
             ident="maildesk",
+            timeout=self._settings.idle_timeout_seconds,
             loop=asyncio.get_running_loop(),
         )
+
+    def _admit(self, session: _DeskSMTP) -> bool:
+        # Counted at connection_made() rather than in the factory: asyncio may build several
+        # protocols for a burst of connections before any of them is connected.
+        if len(self._sessions) >= self._settings.max_sessions:
+            return False
         self._sessions.add(session)
-        return session
+        return True
+
+    def _forget(self, session: _DeskSMTP) -> None:
+        self._sessions.discard(session)
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
+        # aiosmtpd logs every command line at INFO, recipients included; whatever the logging
+        # setup, those lines must not reach a log (see listener.rejected_recipient).
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._factory, host=self._settings.host, port=self._settings.port
@@ -129,7 +306,6 @@ class Listener:
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
-        self._sessions.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), STOP_GRACE_SECONDS)
         log.info("listener.stopped")
@@ -143,8 +319,11 @@ class Listener:
         """Stop, for `async with`."""
         await self.stop()
 
-    async def deliver(self, envelope: Envelope) -> str:
-        """Hand one received mail to the pipeline and return the SMTP reply for it."""
+    async def deliver(self, envelope: Envelope, raw: bytes, held: int = 0) -> str:
+        """Hand one received mail to the pipeline and return the SMTP reply for it.
+
+        `held` bytes of the in-flight budget are given back once the pipeline is done with it.
+        """
         mail_from = envelope.mail_from or ""
         delivery = Delivery(
             source=self.protocol,
@@ -152,8 +331,9 @@ class Listener:
             envelope_from="" if mail_from == "<>" else mail_from,
             recipients=tuple(envelope.rcpt_tos),
         )
-        raw = bytes(envelope.original_content or b"")
         job = asyncio.ensure_future(asyncio.to_thread(self._handler, raw, delivery))
+        # The bytes stay held until the thread is done with them, even if the client left.
+        job.add_done_callback(lambda _job: self.budget.give_back(held))
         self._inflight.add(job)
         try:
             # shield(): if the client hangs up, the commit still runs to its end in the thread,

@@ -15,11 +15,20 @@ from pydantic import SecretStr
 from rig.dovecot import DovecotServer, ImapAccount, free_port
 from structlog.testing import capture_logs
 
-from maildesk.config import ImapSettings
-from maildesk.ingress.fetch import ImapFetcher, _Connection, _unread_input
+from maildesk.config import ImapSettings, LimitsSettings
+from maildesk.ingress.fetch import (
+    FETCH_BATCH,
+    FETCH_BATCH_BYTES,
+    HEADER_CAP,
+    ImapFetcher,
+    _Connection,
+    _unread_input,
+    plan_downloads,
+)
 from maildesk.mail.message import Delivery, Outcome, StoreUnavailable
 
 PROCESSED, QUARANTINE = "maildesk/processed", "maildesk/quarantine"
+MAX = LimitsSettings().max_mail_bytes
 
 
 def make_mail(n: int) -> bytes:
@@ -73,7 +82,7 @@ async def test_fetch_once_hands_over_exact_bytes_and_moves(imap_account: ImapAcc
     mails = [make_mail(n) for n in range(3)]
     uids = [imap_account.append(raw) for raw in mails]
     recorder = Recorder()
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
     try:
         assert await fetcher.fetch_once() == 3
     finally:
@@ -94,7 +103,7 @@ async def test_quarantined_outcome_goes_to_quarantine(imap_account: ImapAccount)
     imap_account.append(make_mail(1))
     imap_account.append(make_mail(2))
     recorder = Recorder(lambda raw: "quarantined" if b"Test 2" in raw else "followup")
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
     try:
         assert await fetcher.fetch_once() == 2
     finally:
@@ -115,7 +124,7 @@ async def test_store_unavailable_leaves_mail_unread(imap_account: ImapAccount) -
         return "ticket"
 
     recorder = Recorder(decide)
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
     try:
         with pytest.raises(StoreUnavailable):
             await fetcher.fetch_once()
@@ -139,7 +148,7 @@ async def test_already_stored_uid_is_moved_without_the_handler(imap_account: Ima
         return {stored} if validity == uidvalidity and stored in uids else set()
 
     recorder = Recorder()
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, seen)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, seen, max_mail_bytes=MAX)
     try:
         assert await fetcher.fetch_once() == 1
     finally:
@@ -159,7 +168,7 @@ async def test_poison_mail_is_quarantined_after_three_attempts(imap_account: Ima
         return "ticket"
 
     recorder = Recorder(decide)
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
     try:
         with capture_logs() as logs:
             # The poison mail does not block the good one behind it.
@@ -192,7 +201,7 @@ async def test_copy_and_expunge_when_move_is_missing(imap_account: ImapAccount) 
     imap_account.append(make_mail(2))
     imap_account.append(make_mail(3))
     recorder = Recorder(lambda raw: "quarantined" if b"Test 2" in raw else "ticket")
-    fetcher = CopyingFetcher(settings_for(imap_account), recorder, never_seen)
+    fetcher = CopyingFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
     try:
         assert await fetcher.fetch_once() == 3
     finally:
@@ -208,7 +217,9 @@ async def test_run_with_idle_picks_up_new_mail_and_stops(imap_account: ImapAccou
     imap_account.append(make_mail(1))
     recorder = Recorder()
     # poll_seconds is an hour, so only IDLE can bring the second mail in time.
-    fetcher = ImapFetcher(settings_for(imap_account, idle=True), recorder, never_seen)
+    fetcher = ImapFetcher(
+        settings_for(imap_account, idle=True), recorder, never_seen, max_mail_bytes=MAX
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(fetcher.run(stop))
     try:
@@ -242,7 +253,7 @@ async def test_stop_finishes_the_mail_in_hand(imap_account: ImapAccount) -> None
         return "ticket"
 
     recorder = Recorder(decide)
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen)
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
     await asyncio.wait_for(fetcher.run(stop), 10)
     assert len(recorder.calls) == 1
     assert imap_account.fetch_all(PROCESSED) == [make_mail(0)]
@@ -252,13 +263,13 @@ async def test_stop_finishes_the_mail_in_hand(imap_account: ImapAccount) -> None
 def test_watched_folder_must_differ_from_targets(imap_account: ImapAccount) -> None:
     settings = settings_for(imap_account, processed_folder="INBOX")
     with pytest.raises(ValueError, match="must differ"):
-        ImapFetcher(settings, Recorder(), never_seen)
+        ImapFetcher(settings, Recorder(), never_seen, max_mail_bytes=MAX)
 
 
 async def test_run_polls_without_idle(imap_account: ImapAccount) -> None:
     recorder = Recorder()
     settings = settings_for(imap_account, idle=False, poll_seconds=1)
-    fetcher = ImapFetcher(settings, recorder, never_seen)
+    fetcher = ImapFetcher(settings, recorder, never_seen, max_mail_bytes=MAX)
     stop = asyncio.Event()
     task = asyncio.create_task(fetcher.run(stop))
     try:
@@ -275,7 +286,7 @@ async def test_login_refused_is_logged_and_stop_interrupts_backoff(
     imap_account: ImapAccount,
 ) -> None:
     settings = settings_for(imap_account, password=SecretStr("not-the-password"))
-    fetcher = ImapFetcher(settings, Recorder(), never_seen)
+    fetcher = ImapFetcher(settings, Recorder(), never_seen, max_mail_bytes=MAX)
     stop = asyncio.Event()
     with capture_logs() as logs:
         task = asyncio.create_task(fetcher.run(stop))
@@ -293,7 +304,7 @@ async def test_login_refused_is_logged_and_stop_interrupts_backoff(
 
 async def test_connection_errors_back_off_until_stopped(imap_account: ImapAccount) -> None:
     settings = settings_for(imap_account, port=free_port())  # Nobody listens there.
-    fetcher = ImapFetcher(settings, Recorder(), never_seen)
+    fetcher = ImapFetcher(settings, Recorder(), never_seen, max_mail_bytes=MAX)
     stop = asyncio.Event()
     with capture_logs() as logs:
         task = asyncio.create_task(fetcher.run(stop))
@@ -384,7 +395,9 @@ async def test_mail_appended_as_run_starts_is_handled(dovecot_server: DovecotSer
     for _ in range(5):
         account = dovecot_server.add_user()
         recorder = Recorder()
-        fetcher = ImapFetcher(settings_for(account, idle=True), recorder, never_seen)
+        fetcher = ImapFetcher(
+            settings_for(account, idle=True), recorder, never_seen, max_mail_bytes=MAX
+        )
         async with running(fetcher):
             await asyncio.to_thread(account.append, make_mail(1))
             assert await wait_for_calls(recorder, 1), "the mail was not picked up"
@@ -401,7 +414,9 @@ async def test_mail_announced_at_an_awkward_moment_is_handled(
     imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch, moment: str, claim_recent: bool
 ) -> None:
     recorder = Recorder()
-    fetcher = ImapFetcher(settings_for(imap_account, idle=True), recorder, never_seen)
+    fetcher = ImapFetcher(
+        settings_for(imap_account, idle=True), recorder, never_seen, max_mail_bytes=MAX
+    )
     injector = Injector(imap_account, fetcher, claim_recent=claim_recent)
     injector.patch(monkeypatch, moment)
     injector.armed.set()
@@ -439,7 +454,9 @@ async def test_mails_appended_around_the_move_into_idle_are_all_handled(
         seen_at.append(scan_count)
         return recorder(raw, delivery)
 
-    fetcher = ImapFetcher(settings_for(imap_account, idle=True), handler, never_seen)
+    fetcher = ImapFetcher(
+        settings_for(imap_account, idle=True), handler, never_seen, max_mail_bytes=MAX
+    )
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     with imap_account.client() as appender:
@@ -453,3 +470,112 @@ async def test_mails_appended_around_the_move_into_idle_are_all_handled(
                 assert await wait_for_calls(recorder, n + 1), f"mail {n} missed (seed {seed})"
     assert [raw for raw, _ in recorder.calls] == [make_mail(n) for n in range(25)]
     assert imap_account.uids("INBOX") == []
+
+
+LIMIT = 64 * 1024  # a small max_mail_bytes, so that mails around it are quick to append
+
+
+def mail_of_size(size: int, subject: str, header_lines: int = 0) -> bytes:
+    """A mail with a base64 attachment, exactly `size` bytes long, CRLF line ends; with
+    `header_lines` Received lines on top, as a mail that went round a loop carries.
+    """
+    received = "".join(
+        f"Received: from relay{n}.customer.example (relay{n}.customer.example "
+        f"[192.0.2.{n % 250 + 1}]) by mx.customer.example with ESMTPS id 4Zk{n:06d}; "
+        "Fri, 14 Mar 2025 09:15:02 +0100\r\n"
+        for n in range(header_lines)
+    )
+    head = (
+        f"{received}Date: Fri, 14 Mar 2025 09:15:02 +0100\r\n"
+        "From: Camille Durand <camille@customer.example>\r\nTo: support@desk.example\r\n"
+        f"Subject: {subject}\r\nMessage-ID: <{subject.replace(' ', '-')}@customer.example>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="------------b0undary"\r\n\r\n'
+        "--------------b0undary\r\nContent-Type: text/plain; charset=UTF-8\r\n\r\n"
+        "Voici la capture de l'erreur.\r\n\r\n--------------b0undary\r\n"
+        'Content-Type: image/png; name="capture.png"\r\n'
+        'Content-Disposition: attachment; filename="capture.png"\r\n'
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    tail = b"--------------b0undary--\r\n"
+    line = b"iVBORw0KGgoAAAANSUhEUgAAB4AAAAQ4CAIAAABnsVYUAAAAA3NCSVQICAjb4U/gAAAgAElEQVR4\r\n"
+    full, rest = divmod(size - len(head) - len(tail), len(line))
+    # The last base64 line absorbs the remainder, so that every line still ends with CRLF.
+    raw = head + line * (full - 1) + b"A" * (len(line) + rest - 2) + b"\r\n" + tail
+    assert len(raw) == size
+    return raw
+
+
+def header_section(raw: bytes) -> bytes:
+    return raw[: raw.index(b"\r\n\r\n") + 4]
+
+
+async def test_oversized_mail_reaches_handler_as_headers_only(imap_account: ImapAccount) -> None:
+    over = mail_of_size(LIMIT + 1, "Capture trop grande")
+    at_limit = mail_of_size(LIMIT, "Capture juste assez petite")
+    uids = [imap_account.append(raw) for raw in (over, at_limit, make_mail(1))]
+    calls: list[tuple[bytes, Delivery]] = []
+
+    def handler(raw: bytes, delivery: Delivery) -> Outcome:
+        # As the pipeline does: a mail that came without its body is quarantined.
+        calls.append((raw, delivery))
+        outcome = "quarantined" if delivery.oversize is not None else "ticket"
+        return Outcome(inbound_id=len(calls), outcome=outcome)
+
+    fetcher = ImapFetcher(settings_for(imap_account), handler, never_seen, max_mail_bytes=LIMIT)
+    try:
+        with capture_logs() as logs:
+            assert await fetcher.fetch_once() == 3
+    finally:
+        await fetcher.close()
+    uidvalidity = uidvalidity_of(imap_account)
+    delivery = Delivery(source="imap", mailbox="INBOX", uidvalidity=uidvalidity, uid=uids[0])
+    assert calls == [
+        (header_section(over), Delivery(**{**vars(delivery), "oversize": LIMIT + 1})),
+        (at_limit, Delivery(**{**vars(delivery), "uid": uids[1]})),
+        (make_mail(1), Delivery(**{**vars(delivery), "uid": uids[2]})),
+    ]
+    # The oversized mail is kept whole and unread in quarantine, for a person to look at.
+    assert imap_account.fetch_all(QUARANTINE) == [over]
+    assert all(b"\\Seen" not in flags for flags in flags_of(imap_account, QUARANTINE))
+    assert imap_account.fetch_all(PROCESSED) == [at_limit, make_mail(1)]
+    assert imap_account.uids("INBOX") == []
+    oversize = [entry for entry in logs if entry["event"] == "imap.oversize"]
+    assert [(entry["uid"], entry["size"], entry["limit"]) for entry in oversize] == [
+        (uids[0], LIMIT + 1, LIMIT)
+    ]
+
+
+async def test_header_section_of_an_oversized_mail_is_capped(imap_account: ImapAccount) -> None:
+    # 3000 Received lines: a header section of about 440 KiB, over the 256 KiB cap.
+    raw = mail_of_size(HEADER_CAP * 2, "Boucle de messagerie", header_lines=3000)
+    assert len(header_section(raw)) > HEADER_CAP
+    imap_account.append(raw)
+    recorder = Recorder(lambda raw: "quarantined")
+    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=LIMIT)
+    try:
+        assert await fetcher.fetch_once() == 1
+    finally:
+        await fetcher.close()
+    assert [(got, delivery.oversize) for got, delivery in recorder.calls] == [
+        (raw[:HEADER_CAP], len(raw))
+    ]
+    assert imap_account.fetch_all(QUARANTINE) == [raw]
+
+
+def test_plan_downloads_groups_small_mails_and_isolates_big_ones() -> None:
+    limit = 2 * FETCH_BATCH_BYTES
+    sizes = {1: 900, 2: 900, 3: FETCH_BATCH_BYTES, 4: 900, 5: limit + 1, 6: 900, 8: limit}
+    # UID 7 has no size: it was expunged between the search and the size fetch.
+    assert plan_downloads([1, 2, 3, 4, 5, 6, 7, 8], sizes, limit) == [
+        ([1, 2], False),
+        ([3], False),  # It fills a batch's bytes on its own.
+        ([4], False),
+        ([5], True),  # Over the limit: headers only.
+        ([6], False),
+        ([8], False),  # At the limit: whole, and alone.
+    ]
+    many = list(range(1, FETCH_BATCH * 2 + 11))
+    groups = plan_downloads(many, dict.fromkeys(many, 100), limit)
+    assert [len(uids) for uids, _ in groups] == [FETCH_BATCH, FETCH_BATCH, 10]
+    assert [uid for uids, _ in groups for uid in uids] == many
