@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -136,12 +137,39 @@ class PrivacySettings(_Section):
     us_entity: str = "Neocase Software Inc., near Boston, United States"
 
 
+class ReplyKeySettings(_Section):
+    """One entry of [security] reply_keys: a key that signs or still verifies reply addresses."""
+
+    id: Annotated[str, Field(pattern=r"^[a-z0-9]{1,8}$")]
+    key: SecretStr
+    # Retired keys (every entry after the first) are accepted until this day, included.
+    accept_until: date | None = None
+
+
 class SecuritySettings(_Section):
     """[security]: keys and trust anchors."""
 
     reply_key: SecretStr | None = None
     reply_key_file: FilePath | None = None
+    # Key rotation: the first entry signs new reply addresses; the others still verify replies
+    # until their accept_until date. Each entry has `key` or `key_file`.
+    reply_keys: Annotated[tuple[ReplyKeySettings, ...], Field(strict=False)] = ()
     trusted_authserv_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_give_keys(self) -> SecuritySettings:
+        if self.reply_keys and self.reply_key is not None:
+            raise _KeyProblem(("security", "reply_keys"), "set reply_key or reply_keys, not both")
+        for index, entry in enumerate(self.reply_keys[1:], start=1):
+            if entry.accept_until is None:
+                raise _KeyProblem(
+                    ("security", f"reply_keys[{index}]"),
+                    "a retired key needs accept_until (the last day its replies count)",
+                )
+        ids = [entry.id for entry in self.reply_keys]
+        if len(set(ids)) != len(ids):
+            raise _KeyProblem(("security", "reply_keys"), "two keys have the same id")
+        return self
 
 
 class LimitsSettings(_Section):
@@ -296,6 +324,25 @@ def _resolve_secrets(data: dict[str, Any], source: str, base: Path) -> None:
             table[key] = os.environ[env_var]
         if table:
             data[section] = table
+    _resolve_reply_key_files(data, source, base)
+
+
+def _resolve_reply_key_files(data: dict[str, Any], source: str, base: Path) -> None:
+    """Read each [security] reply_keys entry's key_file into its key, in place."""
+    security = data.get("security")
+    entries = security.get("reply_keys") if isinstance(security, dict) else None
+    if not isinstance(entries, list):
+        return
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "key_file" not in entry:
+            continue
+        where = f"{source}: [security] reply_keys[{index}]"
+        if "key" in entry:
+            raise ConfigError(f"{where}: set key or key_file, not both")
+        path = entry.pop("key_file")
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}.key_file: expected a path (a string)")
+        entry["key"] = _read_secret_file(Path(path), f"{where}.key_file", base)
 
 
 def parse_settings(data: dict[str, Any], source: str, base: Path) -> Settings:

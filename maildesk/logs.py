@@ -7,6 +7,7 @@ below drops any key that looks like a secret, as a last guard against a careless
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -26,6 +27,26 @@ def _drop_secrets(
     return event
 
 
+# A signed reply address's token (support+t12-a-<hex>@…) is a credential for its ticket, and a
+# VERP token names one outgoing mail: neither may reach a log, whatever the value it sits in.
+_TOKEN = re.compile(r"\+(t\d{1,12}-[a-z0-9]{1,8}-[0-9a-f]{6,}|bounce-[0-9a-f]{6,})", re.I)
+
+
+def redact_tokens(value: str) -> str:
+    """The text with every reply or VERP token replaced by a marker."""
+    return _TOKEN.sub("+[token]", value)
+
+
+def _drop_tokens(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Redact reply and VERP tokens in every string value, the exception text included."""
+    for name, value in list(event.items()):
+        if isinstance(value, str) and "+" in value:
+            event[name] = redact_tokens(value)
+    return event
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Set up structlog for the process; JSON unless stdout is a terminal."""
     if json is None:
@@ -40,6 +61,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _drop_secrets,
             structlog.processors.format_exc_info,
+            _drop_tokens,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

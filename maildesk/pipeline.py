@@ -10,19 +10,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from maildesk.config import Settings
 from maildesk.logs import get_logger
+from maildesk.mail.bounce import read_bounce
 from maildesk.mail.message import Delivery, Outcome, ParsedMail, StoreUnavailable
 from maildesk.mail.parse import MalformedMail, parse_mail
-from maildesk.mail.quotes import strip_quoted_reply
+from maildesk.mail.quotes import scrub_reply_addresses, strip_quoted_reply
+from maildesk.notices import Notices
 from maildesk.outbound.notify import Notifier
 from maildesk.rules import classify, route
-from maildesk.signing import load_reply_key
+from maildesk.rules.authentication import AuthVerdict, authenticate_from
+from maildesk.signing import ReplyToken, load_reply_keys
 from maildesk.store import database, directory, lookup
 from maildesk.store.files import read_raw, save_raw
 from maildesk.store.models import (
@@ -31,7 +34,6 @@ from maildesk.store.models import (
     AuditEvent,
     Company,
     InboundMail,
-    Outbox,
     Ticket,
     utcnow,
 )
@@ -63,10 +65,15 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.reply_key = load_reply_key(settings)
-        self.notifier = Notifier(settings, self.reply_key)
+        self.reply_keys = load_reply_keys(settings)
+        self.notifier = Notifier(settings, self.reply_keys)
+        self.notices = Notices(settings, self.notifier)
         # Called after each commit that may have queued mail, to wake the sender.
         self.on_commit: Callable[[], object] = on_commit or (lambda: None)
+
+    def parse(self, raw: bytes) -> ParsedMail:
+        """Parse one raw mail within the configured bounds (MalformedMail when it breaks one)."""
+        return parse_mail(raw)
 
     def stored_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> set[int]:
         """Which of these IMAP UIDs were stored already: the fetcher's checkpoint."""
@@ -168,57 +175,78 @@ class Pipeline:
         released: bool,
     ) -> Outcome:
         now = utcnow()
+        desk = self.settings.desk
+        if delivery.oversize is not None:
+            return self._oversized(session, inbound, raw, delivery.oversize, now)
         try:
-            mail = parse_mail(raw)
+            mail = self.parse(raw)
         except MalformedMail as exc:
             return _finish(session, inbound, "quarantined", reason=f"malformed: {exc.reason}")
         inbound.message_id = (mail.message_id or "")[:998] or None
-        if mail.from_address.lower() == self.settings.desk.address:
+        if mail.from_address.lower() == desk.address:
             return _finish(session, inbound, "ignored", reason="sent by the desk itself")
+        recipients = route.recipients_of(mail, delivery.recipients)
+        bounce = read_bounce(mail)
+        if bounce is not None:
+            # No bounce ever opens a ticket or gets an answer, matched or not.
+            sent, reason = self.notices.record_bounce(session, bounce, recipients)
+            ticket = session.get(Ticket, sent.ticket_id) if sent and sent.ticket_id else None
+            return _finish(session, inbound, "bounce", ticket=ticket, reason=reason)
+        if mail.from_problem is not None:
+            # A From that names two people, or hides one address behind another, is the first
+            # step of a spoofing trick: nobody is answered and a person looks at it.
+            return _finish(session, inbound, "quarantined",
+                           reason=f"ambiguous sender: {mail.from_problem}")
         automatic = classify.automatic_reason(mail, delivery)
         sender = classify.identify_sender(
             mail.from_address, lookup.directory_entry(session, mail.from_address, now)
         )
-        recipients = route.recipients_of(mail, delivery.recipients)
+        tokens = route.reply_tokens(recipients, desk.address)
+        facts = lookup.thread_facts(
+            session, [*(t.ticket_id for t in tokens), *route.subject_tags(mail)],
+            route.thread_message_ids(mail),
+        )
+        verdict = authenticate_from(mail, self.settings.security.trusted_authserv_id)
 
         if sender.kind == "agent":
-            return self._agent_mail(session, inbound, mail, sender, recipients, automatic)
+            return self._agent_mail(session, inbound, mail, sender, tokens, facts,
+                                    automatic, verdict, now)
         if sender.kind != "account":
             reason = "unknown sender" if sender.kind == "unknown" else "account deactivated"
-            if automatic is None:
-                self._answer_stranger(session, sender, now)
+            # Where the MTA's verdicts are trusted, only an authenticated stranger is answered:
+            # anyone else may be a forged sender, and the answer would be backscatter.
+            if automatic is None and (verdict is None or verdict.authenticated):
+                account = session.get(Account, sender.account_id) if sender.account_id else None
+                self.notices.answer_stranger(
+                    session, sender.address, now=now, locale=account.locale if account else None
+                )
             return _finish(session, inbound, "quarantined", reason=reason)
         if automatic is not None:
-            # Out-of-office replies and the like are kept, but file nothing and answer nothing:
-            # filing them would notify the agents of every vacation message.
-            return _finish(session, inbound, "ignored", reason=f"automatic: {automatic}")
-        failure = classify.authentication_failure(mail, self.settings.security.trusted_authserv_id)
-        if failure is not None:
-            return _finish(session, inbound, "quarantined", reason=failure)
-        key, desk_address = self.reply_key, self.settings.desk.address
-        named = route.subject_tags(mail)
-        signed = route.signed_ticket(
-            mail, sender.address, recipients, key=key, desk_address=desk_address
-        )
-        if signed is not None:
-            named.append(signed)
-        facts = lookup.thread_facts(session, named, route.thread_message_ids(mail))
+            if automatic in classify.QUIET_RULES:
+                # Out-of-office replies and the like are kept, but file nothing and answer
+                # nothing: filing them would notify the agents of every vacation message.
+                return _finish(session, inbound, "ignored", reason=f"automatic: {automatic}")
+            # A machine's mail (a list, a no-reply sender, a report) never opens a ticket that
+            # the customer would see: it waits in quarantine for the agents.
+            return _finish(session, inbound, "quarantined",
+                           reason=f"automatic sender: {automatic}")
+        if verdict is not None and not verdict.authenticated:
+            return _finish(session, inbound, "quarantined", reason=verdict.reason)
         found = route.find_route(
-            mail, sender, recipients, facts, key=key, desk_address=desk_address
+            mail, sender, tokens, facts, keys=self.reply_keys, today=now.date()
         )
         account = session.get(Account, sender.account_id)
         company = session.get(Company, sender.company_id)
         assert account is not None and company is not None
-        text = strip_quoted_reply(mail.text)
         agents = directory.agents_for(session, company)
         _persist(session, inbound)
         if found is not None:
             ticket = session.get(Ticket, found.ticket_id)
             assert ticket is not None
             message = add_message(
-                session, state_dir=self.settings.desk.state_dir, ticket=ticket, mail=mail,
-                text=text, inbound_mail_id=inbound.id, matched_by=found.matched_by,
-                account=account,
+                session, state_dir=desk.state_dir, ticket=ticket, mail=mail,
+                text=strip_quoted_reply(mail.text), inbound_mail_id=inbound.id,
+                matched_by=found.matched_by, account=account,
             )
             self.notifier.tell_agents_followup(
                 session, ticket=ticket, account=account, company=company,
@@ -228,16 +256,20 @@ class Pipeline:
                            reason=found.matched_by)
         ticket = open_ticket(session, account=account, mail=mail)
         message = add_message(
-            session, state_dir=self.settings.desk.state_dir, ticket=ticket, mail=mail,
+            session, state_dir=desk.state_dir, ticket=ticket, mail=mail,
             text=mail.text, inbound_mail_id=inbound.id, matched_by=None, account=account,
         )
-        self.notifier.acknowledge(session, ticket=ticket, account=account, message=message)
+        acknowledged = not classify.suppresses_auto_reply(mail) and self.notices.may_send(
+            session, account.email, now=now, account_id=account.id
+        )
+        if acknowledged:
+            self.notifier.acknowledge(session, ticket=ticket, account=account, message=message)
         self.notifier.tell_agents_new_ticket(
             session, ticket=ticket, account=account, company=company, message=message,
             agents=agents,
         )
-        return _finish(session, inbound, "ticket", ticket=ticket,
-                       reason="released" if released else None)
+        note = "released" if released else None if acknowledged else "not acknowledged"
+        return _finish(session, inbound, "ticket", ticket=ticket, reason=note)
 
     def _agent_mail(
         self,
@@ -245,58 +277,76 @@ class Pipeline:
         inbound: InboundMail,
         mail: ParsedMail,
         sender: classify.Sender,
-        recipients: list[str],
+        tokens: list[ReplyToken],
+        facts: route.ThreadFacts,
         automatic: str | None,
+        verdict: AuthVerdict | None,
+        now: datetime,
     ) -> Outcome:
-        """An agent's answer counts only when sent to a reply address signed for them."""
+        """An agent acts only through a reply address signed for them, and authenticated."""
         if automatic is not None:
             return _finish(session, inbound, "ignored", reason=f"automatic: {automatic}")
+        agent = session.get(Agent, sender.agent_id)
+        assert agent is not None
         ticket_id = route.signed_ticket(
-            mail, sender.address, recipients,
-            key=self.reply_key, desk_address=self.settings.desk.address,
+            sender, tokens, facts, keys=self.reply_keys, today=now.date()
         )
         ticket = session.get(Ticket, ticket_id) if ticket_id is not None else None
-        if ticket is None:
-            return _finish(session, inbound, "quarantined",
-                           reason="agent mail without a signed reply address")
+        refusal: str | None = None
+        if verdict is not None and not verdict.authenticated:
+            refusal = f"agent mail not authenticated: {verdict.reason}"
+        elif ticket is None:
+            refusal = "agent mail without a signed reply address"
+        else:
+            company = session.get(Company, ticket.company_id)
+            if agent.region.upper() == "US" and not (company and company.after_hours):
+                refusal = "US agent on a company without after-hours support"
+        if refusal is not None:
+            # Nothing is relayed or applied; the real agent hears of it at their own address.
+            self.notices.refuse_agent_mail(session, agent, reason=refusal, ticket=ticket,
+                                           now=now)
+            if ticket is not None:
+                session.add(AuditEvent(actor=agent.email, action="agent.refused",
+                                       ticket_id=ticket.id, detail=json.dumps({"reason": refusal})))
+            return _finish(session, inbound, "quarantined", reason=refusal)
+        assert ticket is not None
         account = session.get(Account, ticket.account_id)
-        agent = session.get(Agent, sender.agent_id)
-        assert account is not None and agent is not None
+        assert account is not None
         _persist(session, inbound)
+        # The quoted history goes, and any reply address of ours left in what remains: no
+        # address issued to an agent may reach the customer.
+        text = scrub_reply_addresses(strip_quoted_reply(mail.text), self.settings.desk.address)
         message = add_message(
             session, state_dir=self.settings.desk.state_dir, ticket=ticket, mail=mail,
-            text=strip_quoted_reply(mail.text), inbound_mail_id=inbound.id,
-            matched_by=route.BY_REPLY_ADDRESS, agent=agent,
+            text=text, inbound_mail_id=inbound.id, matched_by=route.BY_REPLY_ADDRESS,
+            agent=agent,
         )
         self.notifier.relay_answer(
             session, ticket=ticket, account=account, agent=agent, message=message
         )
         return _finish(session, inbound, "answer", ticket=ticket)
 
-    def _answer_stranger(self, session: Session, sender: classify.Sender, now: datetime) -> None:
-        """Tell a stranger how to get an account, at most once a day per address."""
-        if not sender.address or "@" not in sender.address:
-            return
-        recipients = json.dumps([sender.address])
-        since = now - timedelta(days=1)
-        already = session.exec(
-            select(Outbox.id).where(
-                Outbox.kind == "unknown_sender",
-                Outbox.recipients == recipients,
-                Outbox.created_at > since,
-            ).limit(1)
-        ).first()
-        if already is None:
-            account = session.get(Account, sender.account_id) if sender.account_id else None
-            locale = account.locale if account else None
-            try:
-                self.notifier.answer_unknown_sender(
-                    session, address=sender.address, locale=locale
-                )
-            except ValueError:
-                # An address we cannot write a header for gets no answer; the mail is still
-                # kept in quarantine.
-                log.info("no answer to an unusable address")
+    def _oversized(
+        self, session: Session, inbound: InboundMail, head: bytes, size: int, now: datetime
+    ) -> Outcome:
+        """A mail over the size limit: only its header was taken; its sender may hear why."""
+        reason = f"too large ({size} bytes, the limit is {self.settings.limits.max_mail_bytes})"
+        try:
+            mail = self.parse(head)
+        except MalformedMail:
+            return _finish(session, inbound, "quarantined", reason=reason)
+        inbound.message_id = (mail.message_id or "")[:998] or None
+        entry = lookup.directory_entry(session, mail.from_address, now)
+        sender = classify.identify_sender(mail.from_address, entry)
+        automatic = classify.automatic_reason(mail, Delivery(source="imap"))
+        verdict = authenticate_from(mail, self.settings.security.trusted_authserv_id)
+        if sender.kind == "account" and automatic is None and mail.from_problem is None and (
+            verdict is None or verdict.authenticated
+        ):
+            account = session.get(Account, sender.account_id)
+            if account is not None:
+                self.notices.too_large(session, account, size=size, now=now)
+        return _finish(session, inbound, "quarantined", reason=reason)
 
     def _quarantine_after_error(self, raw: bytes, delivery: Delivery, exc: Exception) -> Outcome:
         digest, raw_path = save_raw(self.settings.desk.state_dir, raw)

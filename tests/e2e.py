@@ -142,6 +142,9 @@ def write_config(
     imap: ImapAccount | None,
     smtp: RecordingSMTPServer,
     listener_port: int,
+    security: str = "",
+    extra: str = "",
+    desk_address: str = DESK,
 ) -> Path:
     """A config for the rig: IMAP to Dovecot (or off), the listener, SMTP to the rig server."""
     imap_section = (
@@ -151,7 +154,7 @@ def write_config(
         else "[imap]\nenabled = false\n"
     )
     text = (
-        f'[desk]\nname = "Support"\naddress = "{DESK}"\nlocale = "fr"\n'
+        f'[desk]\nname = "Support"\naddress = "{desk_address}"\nlocale = "fr"\n'
         f'state_dir = "{directory_ / "state"}"\n'
         f'[store]\nurl = "{store_url}"\n'
         f"{imap_section}"
@@ -159,6 +162,7 @@ def write_config(
         f'[smtp]\ntransport = "smtp"\nhost = "{smtp.host}"\nport = {smtp.port}\ntls = "none"\n'
         '[privacy]\nnotice_url = "https://vendor.example/privacy"\n'
         '[security]\nreply_key = "test-reply-key"\n'
+        f"{security}{extra}"
     )
     path = directory_ / "config.toml"
     path.write_text(text, encoding="utf-8")
@@ -185,10 +189,18 @@ def running_desk(
     imap: ImapAccount | None,
     smtp: RecordingSMTPServer,
     after_hours: bool = False,
+    security: str = "",
+    extra: str = "",
+    listener_port: int | None = None,
+    desk_address: str = DESK,
 ) -> Iterator[RunningDesk]:
-    """A seeded desk whose daemon runs for the duration of the block."""
-    port = free_port()
-    config = write_config(tmp_path, store_url, imap=imap, smtp=smtp, listener_port=port)
+    """A seeded desk whose daemon runs for the duration of the block.
+
+    `security` adds lines to the [security] section; `extra` adds sections at the end.
+    """
+    port = listener_port or free_port()
+    config = write_config(tmp_path, store_url, imap=imap, smtp=smtp, listener_port=port,
+                          security=security, extra=extra, desk_address=desk_address)
     engine = database.make_engine(store_url)
     database.upgrade(engine)
     seed(engine, after_hours=after_hours)

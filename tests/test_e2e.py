@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import threading
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -23,9 +24,9 @@ from rig.dovecot import ImapAccount
 from rig.smtp import RecordedMail, RecordingSMTPServer
 from sqlalchemy import text
 
-from maildesk.signing import verify_reply_address
+from maildesk.signing import ReplyKey, ReplyKeyring, read_reply_address, verify_reply_token
 
-KEY = b"test-reply-key"
+KEY = ReplyKeyring(ReplyKey("a", b"test-reply-key"))
 ORIGINAL_PHRASE = "L'export PDF échoue depuis ce matin"
 
 
@@ -76,8 +77,10 @@ def test_a_customer_mail_becomes_ticket_1_and_is_acknowledged(
     assert ack["Auto-Submitted"] == "auto-replied"
     assert ack["X-Auto-Response-Suppress"] == "All"
     reply_to = ack["Reply-To"].addresses[0].addr_spec
-    signed = verify_reply_address(KEY, DESK, reply_to, CUSTOMER)
+    signed = read_reply_address(DESK, reply_to)
     assert signed is not None and signed.ticket_id == 1
+    today = datetime.now(UTC).date()
+    assert verify_reply_token(KEY, signed, principal="account:1", epoch=0, today=today)
     raw = ack.as_string()
     assert ORIGINAL_PHRASE not in raw and "Export PDF en erreur" not in ack["Subject"]
     text_part = body_text(ack)

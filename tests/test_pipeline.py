@@ -15,7 +15,7 @@ from maildesk.config import DeskSettings, SecuritySettings, Settings
 from maildesk.mail.message import Delivery, StoreUnavailable
 from maildesk.outbound.notify import Notifier
 from maildesk.pipeline import Pipeline
-from maildesk.signing import reply_address
+from maildesk.signing import principal_of_account, principal_of_agent, reply_address
 from maildesk.store import database, directory
 from maildesk.store.files import ATTACHMENTS_DIR, content_path
 from maildesk.store.models import Attachment, InboundMail, Message, Outbox, Ticket
@@ -95,10 +95,11 @@ def test_an_agent_needs_a_reply_address_signed_for_them(
         "agent mail without a signed reply address"
     )
     # The customer's own signed address does not let an agent (or anyone) answer as the desk.
-    customers = reply_address(pipeline.reply_key, DESK, 1, CUSTOMER)
+    customers = reply_address(pipeline.reply_keys, DESK, 1, principal_of_account(1))
     stolen = customer_mail(sender=AGENT, to=customers, text="Réponse")
     assert pipeline.process(stolen.as_bytes(), SMTP).outcome == "quarantined"
-    signed = customer_mail(sender=AGENT, to=reply_address(pipeline.reply_key, DESK, 1, AGENT),
+    agents_address = reply_address(pipeline.reply_keys, DESK, 1, principal_of_agent(1))
+    signed = customer_mail(sender=AGENT, to=agents_address,
                            text="Voici la réponse.\n\nLe lun. 1 déc. 2026, Claire a écrit :\n> x")
     outcome = pipeline.process(signed.as_bytes(), SMTP)
     assert (outcome.outcome, outcome.ticket_id) == ("answer", 1)
@@ -121,7 +122,7 @@ def test_a_bug_on_one_mail_quarantines_it_and_leaves_nothing_half_done(
     pipeline: Pipeline, engine: sa.Engine, tmp_path: Path
 ) -> None:
     # Templates that are not there make the notify stage fail after the ticket was created.
-    pipeline.notifier = Notifier(pipeline.settings, pipeline.reply_key, tmp_path / "none")
+    pipeline.notifier = Notifier(pipeline.settings, pipeline.reply_keys, tmp_path / "none")
     outcome = pipeline.process(customer_mail().as_bytes(), SMTP)
     assert (outcome.outcome, outcome.reason) == ("quarantined", "internal error: TemplateNotFound")
     assert rows(engine, Ticket) == [] and rows(engine, Outbox) == []

@@ -9,9 +9,17 @@ database, the network or a template.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
+
+
+class MalformedMail(Exception):
+    """A mail that cannot be parsed; .reason is a short human-readable reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class StoreUnavailable(Exception):
@@ -83,3 +91,9 @@ class ParsedMail:
     text: str
     html: str | None
     attachments: list[ParsedAttachment]
+    # Why the From cannot be trusted to name the sender (several addresses, an address posing
+    # as the display name, junk beside the address), or None. The mail stays readable; the
+    # pipeline quarantines it with this reason.
+    from_problem: str | None = None
+    reply_to: list[str] = field(default_factory=list)  # Clean addr-specs from Reply-To.
+    truncated: bool = False  # The text (or HTML) was cut at ParseLimits.max_text_chars.

@@ -1,10 +1,14 @@
-"""Parse stage: turn raw RFC 5322 bytes into a decoded, typed ParsedMail."""
+"""Parse stage: turn raw RFC 5322 bytes into a decoded, typed ParsedMail.
+
+Nothing reaches the email package before `limits.check_shape` has bounded the mail's size and
+shape, and the package reads the MIME headers with `limits.POLICY`. Every text that leaves
+here (subject, names, filenames, body) has been decoded with a charset fit for mail and
+cleaned of controls and bidi marks by `clean_text`.
+"""
 
 from __future__ import annotations
 
-import email.errors
-import email.header
-import email.policy
+import binascii
 import email.utils
 import mimetypes
 import re
@@ -16,20 +20,22 @@ from email.parser import BytesParser
 from typing import NamedTuple
 from urllib.parse import unquote
 
-from maildesk.mail.htmltext import html_to_text, sanitise_html, tidy_lines
-from maildesk.mail.message import ParsedAttachment, ParsedMail
+from maildesk.mail.htmltext import clean_text, html_to_text, sanitise_html, tidy_lines
+from maildesk.mail.limits import (
+    POLICY,
+    TRUNCATION_MARKER,
+    ParseLimits,
+    check_shape,
+    decode_text,
+    fix_8bit,
+    rfc2231_text,
+)
+from maildesk.mail.message import MalformedMail, ParsedAttachment, ParsedMail
 
+# The default bounds, under the names they had before ParseLimits.
+MAX_MAIL_BYTES = ParseLimits.max_mail_bytes
+MAX_BOUNDARY_LINES = ParseLimits.max_parts
 
-class MalformedMail(Exception):
-    """A mail that cannot be parsed; .reason is a short human-readable reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_SURROGATES = re.compile(r"[\udc80-\udcff]")
 _MSGID = re.compile(r"<[^<>]+>")
 _MIME_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 _CID_REF = re.compile(r"cid:([^\"'\s)>]+)", re.I)
@@ -37,51 +43,61 @@ _CID_REF = re.compile(r"cid:([^\"'\s)>]+)", re.I)
 # do not depend on the host's /etc/mime.types.
 _MIME_TYPES = mimetypes.MimeTypes()
 _MAX_FILENAME = 200
+# RFC 2047: =?charset?encoding?text?=, the text without "?" or space (RFC 2047 wants ASCII,
+# some mailers put raw UTF-8 in). No ".*?" as in email.header, so that a thousand "=?" without
+# an end cost one scan, not one each.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
+_HIDDEN_WORD = re.compile("\ue000([0-9]+)\ue001")
+_ATEXT = r"[\w!#$%&'*+/=?^`{|}~-]"
+_ADDR_SPEC = re.compile(
+    rf"(?:{_ATEXT}+(?:\.{_ATEXT}+)*|\"(?:[^\"\\\s]|\\\S)+\")@[\w-]+(?:\.[\w-]+)+"
+)
+_ADDR_IN_TEXT = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[\w-]+(?:\.[\w-]+)+")
 
 
-def _decode_bytes(data: bytes, charset: str | None) -> str:
-    """Decode with the declared charset, else UTF-8, else Windows-1252 with replacement."""
-    for candidate in (charset, "utf-8"):
-        if not candidate:
-            continue
-        # Like browsers, read Latin-1 as its Windows-1252 superset: mailers label € and curly
-        # quotes that way.
-        if candidate.lower().replace("_", "-") in ("iso-8859-1", "latin1", "latin-1"):
-            candidate = "windows-1252"
-        try:
-            return data.decode(candidate)
-        except (LookupError, ValueError):
-            continue
-    return data.decode("windows-1252", errors="replace")
-
-
-def _fix_8bit(value: str) -> str:
-    """Re-decode raw 8-bit bytes that the email package kept as surrogate escapes."""
-    if _SURROGATES.search(value):
-        return _decode_bytes(value.encode("utf-8", "surrogateescape"), None)
-    return value
+def _word_bytes(encoding: str, text: str) -> bytes | None:
+    """The octets of one encoded word's text, or None if they cannot be decoded."""
+    raw = text.encode("utf-8", "surrogateescape")  # Raw 8-bit text was read as UTF-8.
+    if encoding in "qQ":
+        return binascii.a2b_qp(raw, header=True)
+    try:
+        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))  # Postel: add missing padding.
+    except binascii.Error:
+        return None
 
 
 def _decode_words(value: str) -> str:
-    """Decode RFC 2047 encoded words leniently, whatever their declared charset."""
-    try:
-        parts = email.header.decode_header(value)
-    except (email.errors.HeaderParseError, ValueError):
+    """Decode RFC 2047 encoded words leniently, each with a charset fit for mail."""
+    if "=?" not in value:
         return value
-    # Once any encoded word is present, decode_header returns the plain chunks as
-    # raw-unicode-escape bytes.
-    return "".join(
-        part if isinstance(part, str) else _decode_bytes(part, charset or "raw-unicode-escape")
-        for part, charset in parts
-    )
+    chunks: list[str | tuple[str, bytes]] = []  # Plain text, or a charset and its octets.
+    pos = 0
+    for word in _ENCODED_WORD.finditer(value):
+        between = value[pos : word.start()]
+        # Whitespace between two encoded words is not part of the text (RFC 2047, 6.2).
+        if between and not (chunks and isinstance(chunks[-1], tuple) and not between.strip()):
+            chunks.append(between)
+        charset = word.group(1).partition("*")[0].lower()  # RFC 2231 adds *language.
+        data = _word_bytes(word.group(2), word.group(3))
+        last = chunks[-1] if chunks else None
+        if data is None:
+            chunks.append(word.group(0))
+        elif isinstance(last, tuple) and last[0] == charset:
+            # Adjacent words in one charset are decoded together: a character may straddle them.
+            chunks[-1] = (charset, last[1] + data)
+        else:
+            chunks.append((charset, data))
+        pos = word.end()
+    chunks.append(value[pos:])
+    return "".join(c if isinstance(c, str) else decode_text(c[1], c[0]) for c in chunks)
 
 
 def _raw_headers(msg: EmailMessage, name: str) -> list[str]:
-    """Return every value of a header: unfolded, 8-bit text decoded, control characters removed."""
+    """Return every value of a header: 8-bit text decoded, on one line, controls removed."""
     values = []
     for key, value in msg.raw_items():
         if key.lower() == name.lower():
-            values.append(_CONTROL_CHARS.sub("", _fix_8bit("".join(str(value).splitlines()))))
+            values.append(clean_text(fix_8bit(str(value)), multiline=False))
     return values
 
 
@@ -91,16 +107,70 @@ def _first_header(msg: EmailMessage, name: str) -> str:
     return values[0] if values else ""
 
 
+def _split_addresses(value: str) -> list[tuple[str, str]]:
+    """Split an address header into (decoded display name, raw address) pairs."""
+    # Encoded words are decoded only after splitting, and are hidden from the splitter, so that
+    # neither an encoded comma nor a ":" or "@" inside one can cut or make an address.
+    words: list[str] = []
+
+    def hide(word: re.Match[str]) -> str:
+        words.append(word.group(0))
+        return f"\ue000{len(words) - 1}\ue001"
+
+    def show(text: str) -> str:
+        return _HIDDEN_WORD.sub(lambda hidden: words[int(hidden.group(1))], text)
+
+    hidden = _ENCODED_WORD.sub(hide, value.replace("\ue000", "").replace("\ue001", ""))
+    try:
+        pairs = email.utils.getaddresses([hidden])
+    except RecursionError:  # Groups nest by recursion in email.utils: "g:" a thousand times.
+        return []
+    return [
+        (clean_text(_decode_words(show(name)), multiline=False), show(addr))
+        for name, addr in pairs
+        if name or addr
+    ]
+
+
+def clean_address(addr: str) -> str | None:
+    """Return a clean addr-spec with its domain lowercased, or None if addr is not one."""
+    addr = addr.strip()
+    if len(addr) > 254 or not _ADDR_SPEC.fullmatch(addr):
+        return None
+    local, _, domain = addr.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
 def _addresses(msg: EmailMessage, *names: str) -> list[tuple[str, str]]:
-    """Return (display name, addr-spec with lowercased domain) pairs from address headers."""
+    """Return (display name, clean addr-spec) pairs from address headers, dropping the rest."""
     found: dict[str, str] = {}
-    values = [value for name in names for value in _raw_headers(msg, name)]
-    # Names are decoded after splitting, so that an encoded comma cannot split an address in two.
-    for name, addr in email.utils.getaddresses(values):
-        local, at, domain = addr.strip().rpartition("@")
-        if at and local and domain and not re.search(r"\s", addr.strip()):
-            found.setdefault(f"{local}@{domain.lower()}", " ".join(_decode_words(name).split()))
+    for value in (value for name in names for value in _raw_headers(msg, name)):
+        for display_name, addr in _split_addresses(value):
+            clean = clean_address(addr)
+            if clean is not None:
+                found.setdefault(clean, display_name)
     return [(name, addr) for addr, name in found.items()]
+
+
+def _sender(msg: EmailMessage) -> tuple[str, str, str | None]:
+    """Return the From's display name and address, and what makes it doubtful, if anything."""
+    values = _raw_headers(msg, "From")
+    if not values:
+        raise MalformedMail("no From header")
+    pairs = [pair for value in values for pair in _split_addresses(value)]
+    usable = [(name, clean) for name, addr in pairs if (clean := clean_address(addr))]
+    if not usable:
+        raise MalformedMail("From header has no usable address")
+    name, addr = usable[0]
+    problem = None
+    if len(usable) > 1:
+        problem = "From has more than one address"
+    elif len(pairs) > 1:
+        problem = "From is not one clean address"
+    elif any(other.lower() != addr.lower() for other in _ADDR_IN_TEXT.findall(name)):
+        # "claire@client.example" <mallory@evil.example> shows as Claire in most clients.
+        problem = "From display name contains another address"
+    return name, addr, problem
 
 
 def _message_ids(value: str) -> list[str]:
@@ -118,7 +188,7 @@ def _date(value: str) -> datetime | None:
 
 
 class _Leaf(NamedTuple):
-    """A leaf MIME part with the headers that parsing needs, decoded once (the registry is slow)."""
+    """A leaf MIME part with the headers that parsing needs, decoded once."""
 
     parent: str  # The subtype of the enclosing multipart, "" for a single-part mail.
     part: EmailMessage
@@ -129,14 +199,22 @@ class _Leaf(NamedTuple):
 
 def _leaves(part: EmailMessage, parent: str = "") -> Iterator[_Leaf]:
     """Yield the leaf parts of a mail, treating attached messages as leaves."""
-    payload = part.get_payload()
-    if part.get_content_maintype() == "multipart" and isinstance(payload, list):
-        for sub in payload:
+    # get_payload() is called on lists only: on text it decodes with the declared charset.
+    if part.is_multipart() and part.get_content_maintype() == "multipart":
+        for sub in part.get_payload():
             if isinstance(sub, EmailMessage):
                 yield from _leaves(sub, part.get_content_subtype())
     else:
-        filename, disposition = part.get_filename(), part.get_content_disposition()
-        yield _Leaf(parent, part, part.get_content_type(), filename, disposition)
+        disposition = part.get_content_disposition()
+        yield _Leaf(parent, part, part.get_content_type(), _filename(part), disposition)
+
+
+def _filename(part: EmailMessage) -> str | None:
+    """The part's filename (or Content-Type name), RFC 2231 decoded with a charset fit for mail."""
+    value = part.get_param("filename", None, "content-disposition")
+    if value is None:
+        value = part.get_param("name", None)
+    return None if value is None else rfc2231_text(value).strip()
 
 
 def _is_body(leaf: _Leaf, content_type: str) -> bool:
@@ -150,11 +228,15 @@ def _is_body(leaf: _Leaf, content_type: str) -> bool:
     )
 
 
-def _part_text(part: EmailMessage) -> str:
-    """Decode a text part's transfer encoding and charset, with "\\n" line endings."""
+def _part_text(part: EmailMessage, limit: int) -> tuple[str, bool]:
+    """Decode a text part, "\\n" line endings, at most limit characters; and whether it was cut."""
     data = part.get_payload(decode=True)
-    text = _decode_bytes(data, part.get_content_charset()) if isinstance(data, bytes) else ""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    charset = part.get_param("charset")
+    text = ""
+    if isinstance(data, bytes):
+        text = decode_text(data, rfc2231_text(charset) if charset else None)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text[:limit], len(text) > limit
 
 
 def _unflow(text: str, delsp: bool) -> str:
@@ -188,12 +270,12 @@ def _quoted(depth: int, text: str) -> str:
     return (">" * depth + (" " + text if text else "")) if depth else text
 
 
-def _body_text(part: EmailMessage) -> str:
-    """Return the readable text of a text/plain part, unwrapping format=flowed."""
-    text = _part_text(part)
+def _body_text(part: EmailMessage, limit: int) -> tuple[str, bool]:
+    """Return the readable text of a text/plain part, unwrapping format=flowed; and if cut."""
+    text, cut = _part_text(part, limit)
     if str(part.get_param("format", "")).lower() == "flowed":
         text = _unflow(text, str(part.get_param("delsp", "")).lower() == "yes")
-    return tidy_lines(text)
+    return tidy_lines(text), cut
 
 
 def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
@@ -202,19 +284,18 @@ def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
     content_type = leaf.content_type
     if not _MIME_TYPE.fullmatch(content_type):
         content_type = "application/octet-stream"
-    if name is not None:
-        name = _fix_8bit(name)
+    if name is not None and "=?" in name:
         # Outlook puts RFC 2047 encoded words inside quoted parameters, against RFC 2231.
-        name = _decode_words(name) if "=?" in name else name
+        name = _decode_words(name)
     payload = part.get_payload()
     if isinstance(payload, list):
         # message/* parts carry parsed messages: write them back as .eml data with CRLF endings,
         # leaving the headers as they came so that signatures inside them still verify.
         inner = [m for m in payload if isinstance(m, EmailMessage)]
-        as_sent = email.policy.default.clone(linesep="\r\n", refold_source="none")
+        as_sent = POLICY.clone(linesep="\r\n", refold_source="none")
         data = b"".join(m.as_bytes(policy=as_sent) for m in inner)
         if name is None and content_type == "message/rfc822" and inner:
-            subject = " ".join(_decode_words(_first_header(inner[0], "Subject")).split())
+            subject = clean_text(_decode_words(_first_header(inner[0], "Subject")), multiline=False)
             name = (subject or "message") + ".eml"
     else:
         decoded = part.get_payload(decode=True)
@@ -231,39 +312,26 @@ def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
     )
 
 
-# Bounds on what anyone may make the pipeline chew on: the email package spends seconds on a
-# mail of thousands of parts, and the pipeline handles one mail at a time.
-MAX_MAIL_BYTES = 50 * 1024 * 1024
-MAX_BOUNDARY_LINES = 1000
-
-
-def parse_mail(raw: bytes) -> ParsedMail:
+def parse_mail(raw: bytes, limits: ParseLimits | None = None) -> ParsedMail:
     """Parse raw RFC 5322 bytes into a ParsedMail; raise MalformedMail if the mail is unusable."""
+    limits = limits or ParseLimits()
     if not raw or not raw.strip():
         raise MalformedMail("empty input")
-    if len(raw) > MAX_MAIL_BYTES:
-        raise MalformedMail(f"too large ({len(raw)} bytes, the limit is {MAX_MAIL_BYTES})")
-    # Counting lines that start with "--" over-counts (signatures, quotes), never under-counts
-    # the MIME boundaries, and costs one pass over the bytes.
-    if raw.count(b"\n--") > MAX_BOUNDARY_LINES:
-        raise MalformedMail(f"too many MIME parts (over {MAX_BOUNDARY_LINES})")
     try:
-        return _parse(raw)
+        return _parse(check_shape(raw, limits), limits)
     except MalformedMail:
         raise
     except Exception as exc:  # The email package has no common base class for its failures.
-        raise MalformedMail(f"cannot parse mail ({type(exc).__name__}: {exc})") from exc
+        detail = clean_text(str(exc), multiline=False)[:200]
+        raise MalformedMail(f"cannot parse mail ({type(exc).__name__}: {detail})") from exc
 
 
-def _parse(raw: bytes) -> ParsedMail:
+def _parse(raw: bytes, limits: ParseLimits) -> ParsedMail:
     """Do the work of parse_mail, letting any exception escape."""
-    msg = BytesParser(policy=email.policy.default).parsebytes(raw)
+    msg = BytesParser(policy=POLICY).parsebytes(raw)
     if not isinstance(msg, EmailMessage) or not msg.keys():
         raise MalformedMail("no headers: not an email")
-    senders = _addresses(msg, "From")
-    if not senders:
-        has_from = bool(_raw_headers(msg, "From"))
-        raise MalformedMail("From header has no usable address" if has_from else "no From header")
+    from_name, from_address, from_problem = _sender(msg)
     leaves = list(_leaves(msg))
     plains = [leaf for leaf in leaves if _is_body(leaf, "text/plain")]
     body_parts = plains[:1]
@@ -271,10 +339,17 @@ def _parse(raw: bytes) -> ParsedMail:
         # Apple Mail splits a plain body around inline attachments into sibling text/plain parts.
         body_parts = [leaf for leaf in plains if leaf.parent == "mixed"]
     html_leaf = next((leaf for leaf in leaves if _is_body(leaf, "text/html")), None)
-    text = "\n\n".join(filter(None, (_body_text(leaf.part) for leaf in body_parts)))
-    html_source = _part_text(html_leaf.part) if html_leaf is not None else None
-    if not text and html_source:
-        text = html_to_text(html_source)
+    limit = limits.max_text_chars
+    bodies = [_body_text(leaf.part, limit) for leaf in body_parts]
+    text = "\n\n".join(filter(None, (body for body, _ in bodies)))
+    truncated = any(cut for _, cut in bodies)
+    html_source, html_cut = _part_text(html_leaf.part, limit) if html_leaf else (None, False)
+    html = sanitise_html(html_source) if html_source is not None else None
+    if not text and html:
+        text, truncated = html_to_text(html, sanitised=True), html_cut
+    text = clean_text(text, multiline=True)
+    if truncated or len(text) > limit:
+        text = text[:limit].rstrip() + "\n\n" + TRUNCATION_MARKER.format(limit=limit)
     cids = {unquote(ref).lower() for ref in _CID_REF.findall(html_source or "")}
     body_ids = {id(leaf.part) for leaf in [*plains, html_leaf] if leaf is not None}
     attachments = [
@@ -294,9 +369,9 @@ def _parse(raw: bytes) -> ParsedMail:
         message_id=message_ids[0] if message_ids else None,
         in_reply_to=_message_ids(" ".join(_raw_headers(msg, "In-Reply-To"))),
         references=_message_ids(" ".join(_raw_headers(msg, "References"))),
-        subject=" ".join(_decode_words(_first_header(msg, "Subject")).split()),
-        from_name=senders[0][0],
-        from_address=senders[0][1],
+        subject=clean_text(_decode_words(_first_header(msg, "Subject")), multiline=False),
+        from_name=from_name,
+        from_address=from_address,
         to=[addr for _, addr in _addresses(msg, "To")],
         cc=[addr for _, addr in _addresses(msg, "Cc")],
         delivered_to=[
@@ -304,15 +379,19 @@ def _parse(raw: bytes) -> ParsedMail:
         ],
         date=_date(_first_header(msg, "Date")),
         text=text,
-        html=sanitise_html(html_source) if html_source is not None else None,
+        html=html,
         attachments=attachments,
+        from_problem=from_problem,
+        reply_to=[addr for _, addr in _addresses(msg, "Reply-To")],
+        truncated=truncated or html_cut,
     )
 
 
 def sanitise_filename(name: str | None, content_type: str) -> str:
     """Make an attachment name safe: no path, no control characters, at most 200, never empty."""
-    # NFC, because Apple Mail sends decomposed accents.
-    name = re.sub(r"[\t\r\n]+", " ", unicodedata.normalize("NFC", name or ""))
+    # NFC, because Apple Mail sends decomposed accents. Controls and bidi marks go, so that
+    # "invoice_\u202efdp.exe" cannot pass for a PDF, and so does every other format character.
+    name = clean_text(unicodedata.normalize("NFC", name or ""), multiline=False)
     name = "".join("_" if c in '<>:"|?*' else c for c in name if unicodedata.category(c)[0] != "C")
     name = " ".join(re.split(r"[/\\]", name)[-1].split()).strip(" .")
     if len(name) > _MAX_FILENAME:

@@ -61,3 +61,13 @@ def strip_quoted_reply(text: str) -> str:
     while kept and (not kept[-1].strip() or kept[-1].lstrip().startswith(">")):
         kept.pop()
     return "\n".join(kept).strip() or text.strip()
+
+
+def scrub_reply_addresses(text: str, desk_address: str) -> str:
+    """Replace every subaddress of the desk (support+…@domain) with the plain desk address."""
+    local, _, domain = desk_address.rpartition("@")
+    pattern = re.compile(
+        rf"(?<![\w.+-]){re.escape(local)}\+[^\s@<>\"'()\[\],;:]{{1,200}}@{re.escape(domain)}\b",
+        re.I,
+    )
+    return pattern.sub(desk_address, text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.policy
 import json
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
@@ -23,8 +24,15 @@ import jinja2
 from sqlmodel import Session, col, select
 
 from maildesk.config import Settings
-from maildesk.mail.quotes import REPLY_ABOVE_MARKER
-from maildesk.signing import reply_address
+from maildesk.mail.quotes import REPLY_ABOVE_MARKER, scrub_reply_addresses
+from maildesk.rules.classify import LOOP_HEADER
+from maildesk.rules.limits import mailbox_key
+from maildesk.signing import (
+    ReplyKeyring,
+    principal_of_account,
+    principal_of_agent,
+    reply_address,
+)
 from maildesk.store.files import ATTACHMENTS_DIR, content_path
 from maildesk.store.models import (
     Account,
@@ -38,6 +46,8 @@ from maildesk.store.models import (
 )
 
 LOCALES = ("fr", "en")
+# The mails that go to agents only; every other kind may reach a customer.
+_AGENT_KINDS = ("new_ticket", "followup", "agent_refused", "undeliverable")
 # Enough history for any client to thread the mail; the first id and the newest ones matter most.
 MAX_REFERENCES = 10
 
@@ -91,10 +101,10 @@ class Notifier:
     """Renders maildesk's mails and enqueues them in the caller's session."""
 
     def __init__(
-        self, settings: Settings, reply_key: bytes, templates_dir: Path | None = None
+        self, settings: Settings, reply_keys: ReplyKeyring, templates_dir: Path | None = None
     ) -> None:
         self.settings = settings
-        self.reply_key = reply_key
+        self.reply_keys = reply_keys
         self.templates_dir = templates_dir or default_templates_dir()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(self.templates_dir),
@@ -121,6 +131,8 @@ class Notifier:
         return self._enqueue(
             session, "acknowledgement", rendered, locale, _to(account.name, account.email),
             ticket=ticket, parent=message, auto="auto-replied",
+            principal=principal_of_account(account.id),  # type: ignore[arg-type]
+            automatic=True,
         )
 
     def tell_agents_new_ticket(
@@ -154,6 +166,7 @@ class Notifier:
         return self._enqueue(
             session, "answer", rendered, locale, _to(account.name, account.email),
             ticket=ticket, parent=message, sender=sender, files=_attachment_rows(session, message),
+            principal=principal_of_account(account.id),  # type: ignore[arg-type]
         )
 
     def answer_unknown_sender(
@@ -167,8 +180,59 @@ class Notifier:
         rendered = self._render("unknown_sender", chosen, address=to.addr_spec, us_transfer=False)
         return self._enqueue(
             session, "unknown_sender", rendered, chosen, to,
-            ticket=None, parent=None, auto="auto-replied",
+            ticket=None, parent=None, auto="auto-replied", automatic=True,
         )
+
+    def tell_agent_refused(
+        self, session: Session, *, agent: Agent, reason: str, ticket: Ticket | None
+    ) -> Outbox:
+        """Tell an agent, at their own address, that a mail in their name was not acted on."""
+        locale = self._agent_locale(agent)
+        rendered = self._render("agent_refused", locale, agent=agent, reason=reason,
+                                refused_ticket=ticket)
+        # No ticket, hence no reply address: the notice is not a way into the ticket.
+        return self._enqueue(
+            session, "agent_refused", rendered, locale, _to(agent.name, agent.email),
+            ticket=None, parent=None, auto="auto-replied", automatic=True,
+        )
+
+    def tell_too_large(
+        self, session: Session, *, account: Account, size: int, limit: int
+    ) -> Outbox:
+        """Tell a customer that their mail was over the size limit and was not filed."""
+        locale = self._locale(account.locale)
+        rendered = self._render(
+            "too_large", locale, account=account, size_mb=f"{size / 2**20:.1f}",
+            limit_mb=f"{limit / 2**20:.0f}", us_transfer=False,
+        )
+        return self._enqueue(
+            session, "too_large", rendered, locale, _to(account.name, account.email),
+            ticket=None, parent=None, auto="auto-replied", automatic=True,
+        )
+
+    def tell_agents_undeliverable(
+        self, session: Session, *, ticket: Ticket, agents: list[Agent], recipient: str,
+        status: str, diagnostic: str,
+    ) -> list[Outbox]:
+        """Tell the ticket's agents that a mail to the customer bounced for good."""
+        sent = []
+        for agent in agents:
+            locale = self._agent_locale(agent)
+            rendered = self._render(
+                "undeliverable", locale, ticket=ticket, agent=agent, recipient=recipient,
+                status=status, diagnostic=diagnostic,
+            )
+            sent.append(self._enqueue(
+                session, "undeliverable", rendered, locale, _to(agent.name, agent.email),
+                # No reply address: this notice is not a way to answer the customer.
+                ticket=ticket, parent=None, auto="auto-generated",
+            ))
+        return sent
+
+    def _agent_locale(self, agent: Agent) -> str:
+        # Agents have no locale of their own: the US team reads English, the others the
+        # desk's language.
+        return "en" if agent.region.upper() == "US" else self.settings.desk.locale
 
     def _tell_agents(
         self, session: Session, kind: str, ticket: Ticket, account: Account, company: Company,
@@ -184,9 +248,7 @@ class Notifier:
         files = _attachment_rows(session, message)
         sent = []
         for agent in agents:
-            # Agents have no locale of their own: the US team reads English, the others the
-            # desk's language.
-            locale = "en" if agent.region.upper() == "US" else self.settings.desk.locale
+            locale = self._agent_locale(agent)
             rendered = self._render(
                 kind, locale, ticket=ticket, account=account, company=company, message=message,
                 agent=agent, attachments=attachments,
@@ -194,6 +256,7 @@ class Notifier:
             sent.append(self._enqueue(
                 session, kind, rendered, locale, _to(agent.name, agent.email),
                 ticket=ticket, parent=message, auto="auto-generated", files=files,
+                principal=principal_of_agent(agent.id),  # type: ignore[arg-type]
             ))
         return sent
 
@@ -237,10 +300,20 @@ class Notifier:
         self, session: Session, kind: str, rendered: _Rendered, locale: str, to: Address, *,
         ticket: Ticket | None, parent: Message | None, auto: str | None = None,
         sender: Address | None = None, files: Sequence[Attachment] = (),
+        principal: str | None = None, automatic: bool = False,
     ) -> Outbox:
         desk = self.settings.desk
+        if not kind.startswith(_AGENT_KINDS):
+            # No reply address issued to an agent may reach a customer, whatever the text
+            # relayed or quoted: any address of ours left in it becomes the plain desk address.
+            rendered = _Rendered(
+                scrub_reply_addresses(rendered.subject, desk.address),
+                scrub_reply_addresses(rendered.text, desk.address),
+                scrub_reply_addresses(rendered.html, desk.address),
+            )
         msg = EmailMessage(policy=POLICY)
-        message_id = make_msgid(domain=desk.domain)
+        # The idstring marks our own Message-IDs, so that one coming back is recognised.
+        message_id = make_msgid(idstring="maildesk", domain=desk.domain)
         msg["Message-ID"] = message_id
         msg["Date"] = format_datetime(utcnow())
         msg["From"] = sender or Address(_one_line(desk.name), addr_spec=desk.address)
@@ -255,8 +328,12 @@ class Notifier:
                 msg["In-Reply-To"] = in_reply_to
             if references:
                 msg["References"] = " ".join(references)
-            signed = reply_address(self.reply_key, desk.address, ticket.id, to.addr_spec)
-            msg["Reply-To"] = Address(_one_line(desk.name), addr_spec=signed)
+            if principal is not None:
+                signed = reply_address(
+                    self.reply_keys, desk.address, ticket.id, principal, ticket.reply_epoch
+                )
+                msg["Reply-To"] = Address(_one_line(desk.name), addr_spec=signed)
+        msg[LOOP_HEADER] = desk.domain
         if auto is not None:
             msg["Auto-Submitted"] = auto
             msg["X-Auto-Response-Suppress"] = "All"
@@ -267,10 +344,14 @@ class Notifier:
             self._attach(msg, row)
         # Set last: set_content() and add_alternative() move or drop Content-* headers.
         msg["Content-Language"] = locale
+        # A VERP return path names this very mail in any bounce that comes back.
+        verp = secrets.token_hex(8)
+        local, _, domain = desk.address.rpartition("@")
         outbox = Outbox(
-            kind=kind, message_id=message_id, mail_from=desk.address,
+            kind=kind, message_id=message_id, mail_from=f"{local}+bounce-{verp}@{domain}",
             recipients=json.dumps([to.addr_spec]), raw=msg.as_bytes(policy=POLICY),
             ticket_id=ticket.id if ticket is not None else None,
+            automatic=automatic, mailbox_key=mailbox_key(to.addr_spec), verp=verp,
         )
         # Flush, never commit: the caller's transaction decides for the mail and its cause.
         session.add(outbox)

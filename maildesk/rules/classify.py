@@ -37,8 +37,12 @@ def _precedence(mail: ParsedMail, _d: Delivery) -> bool:
     return _header(mail, "Precedence").lower() in {"bulk", "junk", "list"}
 
 
+def _precedence_auto_reply(mail: ParsedMail, _d: Delivery) -> bool:
+    return _header(mail, "Precedence").lower() == "auto_reply"
+
+
 def _list_mail(mail: ParsedMail, _d: Delivery) -> bool:
-    return bool(_header(mail, "List-Id") or _header(mail, "List-Unsubscribe"))
+    return any(_header(mail, name) for name in ("List-Id", "List-Unsubscribe", "List-Post"))
 
 
 def _null_return_path(mail: ParsedMail, delivery: Delivery) -> bool:
@@ -51,9 +55,36 @@ def _report(mail: ParsedMail, _d: Delivery) -> bool:
     return mail.message.get_content_type() == "multipart/report"
 
 
+# Every mail maildesk sends carries this header; seeing it come back means a loop.
+LOOP_HEADER = "X-Maildesk-Loop"
+
+
+def _loop_header(mail: ParsedMail, _d: Delivery) -> bool:
+    return LOOP_HEADER in mail.message or "X-Loop" in mail.message
+
+
+# maildesk's own Message-IDs: make_msgid(idstring="maildesk"), so a mail of ours that comes
+# back is told from a person's mail that merely shares the domain.
+_OWN_MESSAGE_ID = re.compile(r"^<\d+\.\d+\.\d+\.maildesk@([^>]+)>$")
+
+
+def own_message_id_domain(mail: ParsedMail) -> str | None:
+    """The domain of a Message-ID that maildesk made, if the mail carries one."""
+    match = _OWN_MESSAGE_ID.match(mail.message_id or "")
+    return match.group(1).lower() if match else None
+
+
+def _own_message_id(mail: ParsedMail, _d: Delivery) -> bool:
+    return own_message_id_domain(mail) is not None
+
+
 # Clients that predate RFC 3834 still mark their vacation replies with headers of their own.
 _VENDOR_AUTOREPLY_HEADERS = ("X-Autoreply", "X-Autorespond", "X-Autoresponse", "X-Vacation")
-_DAEMON_SENDERS = re.compile(r"^(mailer-daemon|postmaster|noreply|no-reply|do-not-reply)@", re.I)
+_DAEMON_SENDERS = re.compile(r"^(mailer-daemon|postmaster)@", re.I)
+# noreply@, no-reply@, no_reply@, donotreply@, do-not-reply@, noreply-xyz@, bounce@, bounces+…@
+_NOREPLY_SENDERS = re.compile(
+    r"^(no[-_.]?reply|do[-_.]?not[-_.]?reply|bounces?)([-_.+][^@]*)?@", re.I
+)
 
 
 def _vendor_autoreply(mail: ParsedMail, _d: Delivery) -> bool:
@@ -64,16 +95,41 @@ def _daemon_sender(mail: ParsedMail, _d: Delivery) -> bool:
     return bool(_DAEMON_SENDERS.match(mail.from_address))
 
 
+def _noreply_sender(mail: ParsedMail, _d: Delivery) -> bool:
+    return bool(_NOREPLY_SENDERS.match(mail.from_address))
+
+
 AUTOMATIC_RULES: tuple[Rule, ...] = (
+    Rule("loop", "our own loop header, or an X-Loop header, came back", _loop_header),
+    Rule("own-message-id", "a Message-ID that maildesk made came back", _own_message_id),
     Rule("auto-submitted", "Auto-Submitted says the mail was not written by a person",
          _auto_submitted),
     Rule("precedence", "Precedence: bulk, junk or list", _precedence),
-    Rule("list", "mailing-list traffic (List-Id or List-Unsubscribe)", _list_mail),
+    Rule("precedence-auto-reply", "Precedence: auto_reply", _precedence_auto_reply),
+    Rule("list", "mailing-list traffic (List-Id, List-Unsubscribe or List-Post)", _list_mail),
     Rule("null-return-path", "an empty Return-Path: a bounce or an auto-reply", _null_return_path),
     Rule("report", "a delivery or disposition report (multipart/report)", _report),
     Rule("vendor-autoreply", "a vacation header of a pre-RFC 3834 client", _vendor_autoreply),
-    Rule("daemon-sender", "sent by a mailer daemon or a no-reply address", _daemon_sender),
+    Rule("daemon-sender", "sent by a mailer daemon or a postmaster", _daemon_sender),
+    Rule("noreply-sender", "sent from a no-reply address: a machine's mail", _noreply_sender),
 )
+
+# Automatic replies to a mail (out-of-office and the like) and our own mail coming back are kept
+# quietly; the others come from machines (lists, no-reply senders, reports) and go to quarantine
+# for the agents, so that no machine's mail (a sign-up code, say) ever opens a ticket.
+QUIET_RULES = frozenset({
+    "loop", "own-message-id", "auto-submitted", "precedence-auto-reply", "vendor-autoreply",
+    "null-return-path",
+})
+
+# X-Auto-Response-Suppress (Microsoft): a person wrote the mail, but asks for no automatic reply.
+_SUPPRESS = {"all", "autoreply", "oof"}
+
+
+def suppresses_auto_reply(mail: ParsedMail) -> bool:
+    """Whether the sender asked for no automatic reply (X-Auto-Response-Suppress)."""
+    values = {v.strip().lower() for v in _header(mail, "X-Auto-Response-Suppress").split(",")}
+    return bool(values & _SUPPRESS)
 
 
 def automatic_reason(mail: ParsedMail, delivery: Delivery) -> str | None:
@@ -115,29 +171,3 @@ def identify_sender(address: str, entry: DirectoryEntry) -> Sender:
         return Sender("unknown", address)
     kind = "account" if entry.account_active else "deactivated"
     return Sender(kind, address, entry.account_id, entry.company_id)
-
-
-def authentication_failure(mail: ParsedMail, trusted_authserv_id: str | None) -> str | None:
-    """Why the sender is not proven by the trusted MTA's Authentication-Results, if it is not.
-
-    Without a configured authserv-id there is nobody to trust, and every sender is taken at
-    their word; the signed reply address still guards every agent action.
-    """
-    if not trusted_authserv_id:
-        return None
-    domain = mail.from_address.rpartition("@")[2].lower()
-    for value in mail.message.get_all("Authentication-Results", []) or []:
-        text = str(value)
-        authserv, _, results = text.partition(";")
-        if authserv.strip().split()[0:1] != [trusted_authserv_id]:
-            continue
-        lowered = results.lower()
-        if "dmarc=pass" in lowered:
-            return None
-        for match in re.finditer(r"dkim=pass[^;]*header\.d=([^\s;]+)", lowered):
-            if match.group(1).strip() == domain:
-                return None
-        if re.search(r"spf=pass[^;]*smtp\.mailfrom=[^\s;]*@" + re.escape(domain), lowered):
-            return None
-        return "sender not authenticated (no DMARC, aligned DKIM or SPF pass)"
-    return f"no Authentication-Results from {trusted_authserv_id}"

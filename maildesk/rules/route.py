@@ -14,10 +14,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 
 from maildesk.mail.message import ParsedMail
 from maildesk.rules.classify import Sender
-from maildesk.signing import verify_reply_address
+from maildesk.signing import (
+    ReplyKeyring,
+    ReplyToken,
+    principal_of_account,
+    principal_of_agent,
+    read_reply_address,
+    verify_reply_token,
+)
 
 SUBJECT_TAG = re.compile(r"\[#(\d{1,12})\]")
 
@@ -33,6 +41,7 @@ class TicketFacts:
     id: int
     account_id: int
     company_id: int
+    reply_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,14 +67,39 @@ def recipients_of(mail: ParsedMail, envelope_recipients: tuple[str, ...]) -> lis
     return [*envelope_recipients, *mail.delivered_to, *mail.to, *mail.cc]
 
 
-def signed_ticket(
-    mail: ParsedMail, sender: str, recipients: list[str], *, key: bytes, desk_address: str
-) -> int | None:
-    """The ticket named by a reply address signed for `sender`, if the mail went to one."""
+def reply_tokens(recipients: list[str], desk_address: str) -> list[ReplyToken]:
+    """The reply-address tokens among the recipients, unverified, without repeats."""
+    found: dict[ReplyToken, None] = {}
     for address in recipients:
-        signed = verify_reply_address(key, desk_address, address, sender)
-        if signed is not None:
-            return signed.ticket_id
+        token = read_reply_address(desk_address, address)
+        if token is not None:
+            found[token] = None
+    return list(found)
+
+
+def principal(sender: Sender) -> str | None:
+    """Whom the sender's reply addresses are bound to: their agent or account, not an address."""
+    if sender.agent_id is not None:
+        return principal_of_agent(sender.agent_id)
+    if sender.account_id is not None:
+        return principal_of_account(sender.account_id)
+    return None
+
+
+def signed_ticket(
+    sender: Sender, tokens: list[ReplyToken], facts: ThreadFacts, *, keys: ReplyKeyring,
+    today: date,
+) -> int | None:
+    """The ticket named by a reply address signed for this sender, if the mail went to one."""
+    bound_to = principal(sender)
+    if bound_to is None:
+        return None
+    for token in tokens:
+        ticket = facts.tickets.get(token.ticket_id)
+        if ticket is not None and verify_reply_token(
+            keys, token, principal=bound_to, epoch=ticket.reply_epoch, today=today
+        ):
+            return ticket.id
     return None
 
 
@@ -88,15 +122,15 @@ def _belongs(ticket: TicketFacts, sender: Sender) -> bool:
 def find_route(
     mail: ParsedMail,
     sender: Sender,
-    recipients: list[str],
+    tokens: list[ReplyToken],
     facts: ThreadFacts,
     *,
-    key: bytes,
-    desk_address: str,
+    keys: ReplyKeyring,
+    today: date,
 ) -> Route | None:
     """The ticket this mail continues, or None when it opens a new one."""
-    ticket_id = signed_ticket(mail, sender.address, recipients, key=key, desk_address=desk_address)
-    if ticket_id is not None and ticket_id in facts.tickets:
+    ticket_id = signed_ticket(sender, tokens, facts, keys=keys, today=today)
+    if ticket_id is not None:
         return Route(ticket_id, BY_REPLY_ADDRESS)
     # The newest mention wins: References lists the thread oldest first.
     for message_id in reversed(thread_message_ids(mail)):

@@ -8,11 +8,12 @@ values.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from maildesk.rules.classify import DirectoryEntry
+from maildesk.rules.limits import AutomaticCounts
 from maildesk.rules.route import ThreadFacts, TicketFacts
 from maildesk.store import directory
 from maildesk.store.models import Company, Message, Outbox, Ticket
@@ -58,11 +59,37 @@ def thread_facts(
     tickets: dict[int, TicketFacts] = {}
     for start in range(0, len(ids), 500):
         rows = session.exec(
-            select(Ticket.id, Ticket.account_id, Ticket.company_id).where(
+            select(Ticket.id, Ticket.account_id, Ticket.company_id, Ticket.reply_epoch).where(
                 col(Ticket.id).in_(ids[start : start + 500])
             )
         )
-        for ticket_id, account_id, company_id in rows:
+        for ticket_id, account_id, company_id, epoch in rows:
             if ticket_id is not None:
-                tickets[ticket_id] = TicketFacts(ticket_id, account_id, company_id)
+                tickets[ticket_id] = TicketFacts(ticket_id, account_id, company_id, epoch)
     return ThreadFacts(tickets=tickets, by_message_id=by_message_id)
+
+
+def automatic_counts(
+    session: Session, *, key: str, account_id: int | None, now: datetime, breaker_minutes: int
+) -> AutomaticCounts:
+    """The counts that the limits on automatic mail decide over, for one recipient."""
+    to_mailbox = session.exec(
+        select(func.count()).select_from(Outbox).where(
+            Outbox.mailbox_key == key, col(Outbox.automatic).is_(True),
+            Outbox.created_at > now - timedelta(days=1),
+        )
+    ).one()
+    tickets = 0
+    if account_id is not None:
+        tickets = session.exec(
+            select(func.count()).select_from(Ticket).where(
+                Ticket.account_id == account_id,
+                Ticket.created_at > now - timedelta(minutes=breaker_minutes),
+            )
+        ).one()
+    strangers = session.exec(
+        select(func.count()).select_from(Outbox).where(
+            Outbox.kind == "unknown_sender", Outbox.created_at > now - timedelta(hours=1)
+        )
+    ).one()
+    return AutomaticCounts(int(to_mailbox), int(tickets), int(strangers))

@@ -95,6 +95,8 @@ class Ticket(SQLModel, table=True):
     company_id: int = Field(foreign_key="company.id", index=True)
     created_at: datetime = _created()
     updated_at: datetime = _created()
+    # Part of every reply address's signature: raising it revokes all addresses issued so far.
+    reply_epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class InboundMail(SQLModel, table=True):
@@ -173,6 +175,13 @@ class Outbox(SQLModel, table=True):
     last_error: str | None = None
     created_at: datetime = _created()
     sent_at: datetime | None = _when(nullable=True)
+    # Automatic mail (acknowledgements, notices, answers to strangers) counts against the
+    # per-mailbox daily limit, by the recipient's normalised mailbox.
+    automatic: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    mailbox_key: str | None = Field(default=None, max_length=320, index=True)
+    # The token of the VERP return path, support+bounce-<verp>@domain, that names this mail in
+    # a bounce.
+    verp: str | None = Field(default=None, max_length=64, unique=True)
 
 
 class AuditEvent(SQLModel, table=True):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from maildesk.mail.htmltext import html_to_text
+from maildesk.mail.htmltext import clean_text, html_to_text
+from maildesk.mail.limits import TRUNCATION_MARKER, ParseLimits
 from maildesk.mail.message import ParsedMail
 from maildesk.mail.parse import MalformedMail, parse_mail, sanitise_filename
 from maildesk.mail.quotes import REPLY_ABOVE_MARKER, strip_quoted_reply
@@ -569,3 +570,228 @@ def test_mails_too_large_or_of_too_many_parts_are_refused_quickly() -> None:
     bomb = head + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
     with pytest.raises(MalformedMail, match="too many MIME parts"):
         parse_mail(bomb)
+
+
+# The From, and the other address headers.
+
+
+def mail_from(from_value: bytes, *extra: bytes) -> bytes:
+    """A plain mail with the given From value and extra header lines."""
+    return (
+        b"From: " + from_value + b"\r\n" + b"".join(line + b"\r\n" for line in extra)
+        + b"To: support@desk.example\r\nSubject: Facture\r\n"
+        b"Date: Fri, 27 Nov 2026 10:05:00 +0100\r\nMessage-ID: <f1@client.example>\r\n"
+        b"\r\nBonjour\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("from_value", "expected"),
+    [
+        (b"claire@client.example, mallory@evil.example",
+         ("", "claire@client.example", "From has more than one address")),
+        (b"claire@client.example <mallory@evil.example>",
+         ("", "claire@client.example", "From has more than one address")),
+        # An encoded word may not hold ":" or "@" (RFC 2047, 5): hidden from the splitter, it is
+        # decoded as the display name, CR LF made a space, and that name holds an address.
+        (b"=?UTF-8?Q?Claire_A=0D=0ABcc:_evil2@attacker.example?= <claire@client.example>",
+         ("Claire A Bcc: evil2@attacker.example", "claire@client.example",
+          "From display name contains another address")),
+        (b'"mallory@evil.example" <claire@client.example>',
+         ("mallory@evil.example", "claire@client.example",
+          "From display name contains another address")),
+        (b'"Claire@Client.Example" <claire@client.example>',
+         ("Claire@Client.Example", "claire@client.example", None)),
+        (b"Dupont, Claire <claire@client.example>",
+         ("Claire", "claire@client.example", "From is not one clean address")),
+        (b"=?utf-8?q?Dupont=2C_Claire?= <claire@CLIENT.example>",
+         ("Dupont, Claire", "claire@client.example", None)),
+        (b"claire@client.example (Claire Dupont)",
+         ("Claire Dupont", "claire@client.example", None)),
+        (b"=?utf-8?b?Q2xhaXJl?= =?utf-8?b?IER1cG9udA==?= <claire@client.example>",
+         ("Claire Dupont", "claire@client.example", None)),
+    ],
+)
+def test_from(from_value: bytes, expected: tuple[str, str, str | None]) -> None:
+    mail = parse_mail(mail_from(from_value))
+    assert (mail.from_name, mail.from_address, mail.from_problem) == expected
+
+
+def test_two_from_headers() -> None:
+    mail = parse_mail(mail_from(b"claire@client.example", b"From: mallory@evil.example"))
+    assert (mail.from_address, mail.from_problem) == (
+        "claire@client.example", "From has more than one address"
+    )
+
+
+@pytest.mark.parametrize(
+    "from_value",
+    [
+        b"claire@client.example mallory@evil.example",
+        b"g:" * 2000 + b"a@b.example",  # email.utils recurses once a group.
+        b"<claire@@client.example>",
+        b"Claire <claire@client>",
+        b"<mallory@[203.0.113.7]>",
+    ],
+)
+def test_from_without_one_clean_address(from_value: bytes) -> None:
+    with pytest.raises(MalformedMail) as caught:
+        parse_mail(mail_from(from_value))
+    assert caught.value.reason == "From header has no usable address"
+
+
+@pytest.mark.parametrize(
+    "sample",
+    sorted(p.name for p in DATA.glob("*.eml") if p.stem not in ("garbage", "malformed_no_from")),
+)
+def test_corpus_senders_are_trusted(sample: str) -> None:
+    assert load(sample).from_problem is None
+
+
+def test_reply_to_and_recipients_keep_clean_addresses_only() -> None:
+    mail = parse_mail(
+        mail_from(
+            b"claire@client.example",
+            b"Reply-To: Claire <claire@client.example>, not an address,\r\n"
+            b" =?utf-8?q?B=C3=A9a?= <bea@Two.Example>",
+            b"Cc: \"Bob\" <bob@@x.example>, <a b@c.example>, mallory@evil, ops@client.example",
+        )
+    )
+    assert mail.reply_to == ["claire@client.example", "bea@two.example"]
+    assert mail.cc == ["ops@client.example"]
+    assert mail.to == ["support@desk.example"]
+
+
+# Charsets: only codecs meant for mail decode anything.
+
+
+@pytest.mark.parametrize(
+    ("charset", "body", "text"),
+    [
+        ("x-unknown-alias", "Café crème".encode(), "Café crème"),
+        ("x-unknown-alias", b"Caf\xe9 cr\xe8me", "Café crème"),
+        ("unicode_escape", b"Caf\\xe9 \\ud800 \\x1b[31m", "Caf\\xe9 \\ud800 \\x1b[31m"),
+        ("raw-unicode-escape", b"\\u202eexe.pdf", "\\u202eexe.pdf"),
+        ("utf-7", b"+2AA-caf+AOk-", "+2AA-caf+AOk-"),
+        ("punycode", b"caf-dma", "caf-dma"),
+        ("idna", b"xn--caf-dma", "xn--caf-dma"),
+        ("base64_codec", b"Q2Fmw6k=", "Q2Fmw6k="),
+        ("rot13", b"Pnsr", "Pnsr"),
+        ("iso-8859-15", b"c\xbdur \xa4", "cœur €"),
+        ("utf-16", "été".encode("utf-16"), "été"),
+        ('"utf-8"', "déjà".encode(), "déjà"),
+    ],
+)
+def test_charsets_not_meant_for_mail_fall_back(charset: str, body: bytes, text: str) -> None:
+    head = f"From: a@b.example\r\nContent-Type: text/plain; charset={charset}\r\n\r\n"
+    assert parse_mail(head.encode() + body).text == text
+
+
+@pytest.mark.parametrize(
+    ("charset", "subject"),
+    [
+        ("utf-8", "café \\ud800"),
+        ("unicode_escape", "café \\ud800"),
+        ("x-unknown-alias", "café \\ud800"),
+        ("iso-8859-1", "cafÃ© \\ud800"),
+    ],
+)
+def test_encoded_word_charsets(charset: str, subject: str) -> None:
+    raw = f"From: a@b.example\r\nSubject: =?{charset}?q?caf=C3=A9_=5Cud800?=\r\n\r\nx".encode()
+    assert parse_mail(raw).subject == subject
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "unicode_escape", "x-unknown-alias", "punycode"])
+def test_rfc2231_filename_charsets(charset: str) -> None:
+    raw = (
+        b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nci-joint\r\n--b\r\n"
+        b"Content-Type: application/pdf\r\n"
+        b"Content-Disposition: attachment; filename*=" + charset.encode()
+        + b"''r%C3%A9sum%C3%A9.pdf\r\n\r\n%PDF\r\n--b--\r\n"
+    )
+    [pdf] = parse_mail(raw).attachments
+    assert pdf.filename == "résumé.pdf"
+
+
+def test_mime_headers_keep_the_header_object_api() -> None:
+    mail = load("thunderbird_attachment_rfc2231.eml")
+    [_, png, csv] = mail.message.iter_parts()
+    assert png["Content-Disposition"].content_disposition == "attachment"
+    assert png.is_attachment()
+    assert csv["Content-Type"].content_type == "text/csv"
+    assert csv["Content-Disposition"].params["filename"] == (
+        "Relevé de compte novembre 2026 – Société Générale des Eaux.csv"
+    )
+    assert mail.message["Content-Type"].maintype == "multipart"
+
+
+def test_email_accessors_never_run_a_codec_not_meant_for_mail() -> None:
+    mail = parse_mail(
+        b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain; charset*=punycode''caf-dma\r\n"
+        b"Content-Disposition: attachment; filename*=unicode_escape''%5Cud800.txt\r\n"
+        b"\r\nx\r\n--b--\r\n"
+    )
+    [part] = mail.message.iter_parts()
+    assert part.get_content_charset() == "caf-dma"
+    assert part.get_filename() == "\\ud800.txt"
+
+
+# Controls and bidi marks: gone from every text that leaves the parser.
+
+
+def test_controls_in_encoded_words_do_not_reach_the_subject_or_names() -> None:
+    mail = parse_mail(
+        b"From: =?utf-8?q?Claire=E2=80=8F_Dupont=07?= <claire@client.example>\r\n"
+        b"Subject: =?utf-8?q?Facture=00_n=C2=B0_12=1B[31m_=E2=80=AEfdp.exe=C2=85?=\r\n"
+        b"\r\nx"
+    )
+    assert mail.subject == "Facture n° 12[31m fdp.exe"
+    assert mail.from_name == "Claire Dupont"
+
+
+def test_controls_in_the_body() -> None:
+    mail = parse_mail(
+        b"From: a@b.example\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        b"Bonjour\x00 Claire,\r\n\tligne\x1b[2J\x7f\r\n"
+        b"\xc2\x85fin \xe2\x80\xae\xe2\x81\xa6ok\x0c\r\n"
+    )
+    assert mail.text == "Bonjour Claire,\n\tligne[2J\nfin ok"
+
+
+def test_bidi_marks_in_rfc2231_filenames() -> None:
+    raw = (
+        b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nvoir PJ\r\n"
+        b"--b\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''invoice_%E2%80%AEfdp.exe\r\n\r\nMZ\r\n"
+        b"--b\r\nContent-Type: application/pdf\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''%E2%81%A6rapport%E2%81%A9%00.pdf\r\n"
+        b"\r\n%PDF\r\n--b--\r\n"
+    )
+    assert [a.filename for a in parse_mail(raw).attachments] == ["invoice_fdp.exe", "rapport.pdf"]
+
+
+@pytest.mark.parametrize(
+    ("value", "multiline", "expected"),
+    [
+        ("Claire A\r\nBcc: evil@attacker.example", False, "Claire A Bcc: evil@attacker.example"),
+        ("a\x00b\x1b[0m\x7f\x85\x9f c", False, "ab[0m c"),
+        ("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061cok", False, "ok"),
+        ("  one\t two  ", False, "one two"),
+        ("line 1\r\n\tline 2\x0b\x0c\n", True, "line 1\n\tline 2\n"),
+        ("lone \ud800 surrogate", True, "lone \ufffd surrogate"),
+        ("Réponse à l’équipe – 200 €", False, "Réponse à l’équipe – 200 €"),
+    ],
+)
+def test_clean_text(value: str, multiline: bool, expected: str) -> None:
+    assert clean_text(value, multiline=multiline) == expected
+
+
+def test_text_limit() -> None:
+    raw = b"From: a@b.example\r\n\r\n" + b"0123456789\r\n" * 5
+    mail = parse_mail(raw, ParseLimits(max_text_chars=25))
+    assert mail.text == "0123456789\n0123456789\n012\n\n" + TRUNCATION_MARKER.format(limit=25)
+    assert mail.truncated is True
+    assert parse_mail(raw).truncated is False

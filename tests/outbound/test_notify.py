@@ -19,13 +19,13 @@ from sqlmodel import Session, func, select
 from maildesk.config import DeskSettings, PrivacySettings, Settings
 from maildesk.mail.quotes import REPLY_ABOVE_MARKER
 from maildesk.outbound.notify import MAX_REFERENCES, Notifier, default_templates_dir
-from maildesk.signing import verify_reply_address
+from maildesk.signing import ReplyKey, ReplyKeyring, read_reply_address, verify_reply_token
 from maildesk.store.models import Account, Agent, Attachment, Company, Message, Outbox, Ticket
 
 REPO = Path(__file__).resolve().parents[2]
 DESK_ADDRESS = "support@desk.example"
 DESK_NAME = "Neocase Software Support"
-KEY = b"a-test-reply-key"
+KEY = ReplyKeyring(ReplyKey("a", b"a-test-reply-key"))
 # A phrase that only the customer's own mail contains: it must never be echoed back to them.
 SECRET = "zanzibar-ostrich-4711"
 ORIGINAL_ID = "<orig-1@facade.example>"
@@ -186,11 +186,13 @@ def assert_footer(msg: EmailMessage, locale: str, notice_url: str = "") -> None:
         assert ASK_THE_DPO[locale] in footer and ASK_THE_DPO[locale] in html_footer
 
 
-def assert_signed_for(msg: EmailMessage, ticket_id: int, recipient: str) -> None:
+def assert_signed_for(msg: EmailMessage, ticket_id: int, principal: str) -> None:
     reply_to = msg["Reply-To"].addresses[0].addr_spec
-    signed = verify_reply_address(KEY, DESK_ADDRESS, reply_to, recipient)
-    assert signed is not None and signed.ticket_id == ticket_id
-    assert verify_reply_address(KEY, DESK_ADDRESS, reply_to, "intruder@elsewhere.example") is None
+    token = read_reply_address(DESK_ADDRESS, reply_to)
+    assert token is not None and token.ticket_id == ticket_id
+    today = datetime.now(UTC).date()
+    assert verify_reply_token(KEY, token, principal=principal, epoch=0, today=today)
+    assert not verify_reply_token(KEY, token, principal="account:999", epoch=0, today=today)
 
 
 def assert_from_desk(msg: EmailMessage, display_name: str = DESK_NAME) -> None:
@@ -215,7 +217,7 @@ def test_acknowledgement(session: Session, locale: str) -> None:
     )
     assert outbox.id is not None and outbox.kind == "acknowledgement"
     assert outbox.ticket_id == world.ticket.id
-    assert outbox.mail_from == DESK_ADDRESS
+    assert outbox.mail_from == f"support+bounce-{outbox.verp}@desk.example" and outbox.verp
     assert json.loads(outbox.recipients) == [world.account.email]
     msg = parse(outbox)
     assert outbox.message_id == msg["Message-ID"]
@@ -225,7 +227,7 @@ def test_acknowledgement(session: Session, locale: str) -> None:
     assert msg["Subject"] == f"[#{world.ticket.id}] {expected[locale]}"
     assert msg["In-Reply-To"] == ORIGINAL_ID
     assert msg["References"] == ORIGINAL_ID
-    assert_signed_for(msg, world.ticket.id or 0, world.account.email)
+    assert_signed_for(msg, world.ticket.id or 0, f"account:{world.account.id}")
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["X-Auto-Response-Suppress"] == "All"
     text, markup = parts(msg)
@@ -289,7 +291,7 @@ def test_new_ticket_to_agents(session: Session, locale: str) -> None:
         assert f"Reçu bloqué à 120 € {SECRET}" in msg["Subject"]
         assert msg["In-Reply-To"] == ORIGINAL_ID
         assert ORIGINAL_ID in msg["References"].split()
-        assert_signed_for(msg, world.ticket.id or 0, agent.email)
+        assert_signed_for(msg, world.ticket.id or 0, f"agent:{agent.id}")
         assert msg["Auto-Submitted"] == "auto-generated"
         assert msg["X-Auto-Response-Suppress"] == "All"
         text, markup = parts(msg)
@@ -349,7 +351,7 @@ def test_followup_threads_with_the_whole_ticket(session: Session, locale: str) -
         ORIGINAL_ID, ack.message_id, "<followup-2@facade.example>"
     ]
     assert msg["Auto-Submitted"] == "auto-generated"
-    assert_signed_for(msg, world.ticket.id or 0, world.alice.email)
+    assert_signed_for(msg, world.ticket.id or 0, f"agent:{world.alice.id}")
     text, _ = parts(msg)
     assert "Voici le reçu en pièce jointe." in text
     assert {"fr": "Pièces jointes : aucune", "en": "Attachments: none"}[locale] in text
@@ -420,7 +422,7 @@ def test_relay_answer(session: Session, locale: str, notice_url: str) -> None:
     assert msg["Subject"] == f"Re: Reçu bloqué à 120 € {SECRET} [#{world.ticket.id}]"
     assert msg["In-Reply-To"] == "<answer-3@neocase.example>"
     assert msg["References"].split()[0] == ORIGINAL_ID
-    assert_signed_for(msg, world.ticket.id or 0, world.account.email)
+    assert_signed_for(msg, world.ticket.id or 0, f"account:{world.account.id}")
     # A person's answer: no automatic-mail headers, so that the customer's client treats it
     # as any other mail.
     assert msg["Auto-Submitted"] is None and msg["X-Auto-Response-Suppress"] is None

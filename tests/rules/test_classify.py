@@ -8,7 +8,7 @@ import pytest
 
 from maildesk.mail.message import Delivery
 from maildesk.mail.parse import parse_mail
-from maildesk.rules.classify import authentication_failure, automatic_reason
+from maildesk.rules.classify import automatic_reason, suppresses_auto_reply
 
 DATA = Path(__file__).parent.parent / "data"
 IMAP = Delivery(source="imap")
@@ -32,6 +32,17 @@ def mail(*headers: str, content_type: str = "text/plain") -> bytes:
         (("List-Id: <users.lists.example>",), "list"),
         (("Return-Path: <>",), "null-return-path"),
         (("X-Autoreply: yes",), "vendor-autoreply"),
+        (("Precedence: junk",), "precedence"),
+        (("Precedence: auto_reply",), "precedence-auto-reply"),
+        (("List-Unsubscribe: <mailto:leave@lists.example>",), "list"),
+        (("List-Post: <mailto:users@lists.example>",), "list"),
+        (("X-Loop: support@desk.example",), "loop"),
+        (("X-Maildesk-Loop: other-desk.example",), "loop"),
+        (("Message-ID: <1764672000.4242.1234567890.maildesk@other-desk.example>",),
+         "own-message-id"),
+        # A person's mail whose Message-ID merely shares a domain is not ours.
+        (("Message-ID: <CAF3x=abc@desk.example>",), None),
+        (("X-Auto-Response-Suppress: OOF",), None),
     ],
 )
 def test_automatic_mail_rules(headers: tuple[str, ...], reason: str | None) -> None:
@@ -56,14 +67,32 @@ def test_client_samples_are_written_by_people() -> None:
         assert automatic_reason(parse_mail((DATA / sample).read_bytes()), IMAP) is None, sample
 
 
-def test_authentication_results_from_the_trusted_server_only() -> None:
-    trusted = "mx.desk.example"
-    passed = parse_mail(
-        mail(f"Authentication-Results: {trusted}; dmarc=pass header.from=client.example")
-    )
-    forged = parse_mail(mail("Authentication-Results: mx.evil.example; dmarc=pass"))
-    failed = parse_mail(mail(f"Authentication-Results: {trusted}; spf=fail; dkim=none; dmarc=fail"))
-    assert authentication_failure(passed, None) is None
-    assert authentication_failure(passed, trusted) is None
-    assert authentication_failure(forged, trusted) == f"no Authentication-Results from {trusted}"
-    assert "not authenticated" in (authentication_failure(failed, trusted) or "")
+@pytest.mark.parametrize(
+    ("sender", "reason"),
+    [
+        ("MAILER-DAEMON@mx.client.example", "daemon-sender"),
+        ("postmaster@client.example", "daemon-sender"),
+        ("noreply@slack.com", "noreply-sender"),
+        ("no-reply@accounts.google.com", "noreply-sender"),
+        ("no_reply@client.example", "noreply-sender"),
+        ("donotreply@client.example", "noreply-sender"),
+        ("do-not-reply@client.example", "noreply-sender"),
+        ("noreply-billing@client.example", "noreply-sender"),
+        ("bounces+12345@mail.client.example", "noreply-sender"),
+        ("norbert@client.example", None),
+        ("replyto@client.example", None),
+    ],
+)
+def test_machine_senders(sender: str, reason: str | None) -> None:
+    raw = mail().replace(b"Claire <claire@client.example>", sender.encode())
+    assert automatic_reason(parse_mail(raw), IMAP) == reason
+
+
+@pytest.mark.parametrize(
+    ("value", "suppressed"),
+    [("All", True), ("OOF, AutoReply", True), ("DR, RN, NRN, OOF, AutoReply", True),
+     ("autoreply", True), ("DR, RN", False), ("", False)],
+)
+def test_auto_response_suppress_asks_for_no_acknowledgement(value: str, suppressed: bool) -> None:
+    headers = (f"X-Auto-Response-Suppress: {value}",) if value else ()
+    assert suppresses_auto_reply(parse_mail(mail(*headers))) is suppressed
