@@ -26,6 +26,8 @@ log = get_logger("notices")
 
 # The kinds of mail whose bounce means that a customer did not hear from us.
 _CUSTOMER_KINDS = {"acknowledgement", "answer", "too_large"}
+# Success reports (RFC 3464 actions) record nothing.
+_SUCCESS_ACTIONS = {"delivered", "relayed", "expanded"}
 
 
 class Notices:
@@ -103,16 +105,21 @@ class Notices:
             return None, "bounce: matches no mail we sent"
         worst = ""
         for status in bounce.recipients:
+            if status.action in _SUCCESS_ACTIONS:
+                continue
+            # Postfix gives up after the queue lifetime with "failed" and a 4.x.x status: the
+            # mail is lost all the same.
+            permanent = status.permanent or status.action == "failed"
             detail = json.dumps({
                 "outbox": sent.id, "kind": sent.kind, "recipient": status.address,
                 "status": status.status, "action": status.action,
                 "diagnostic": status.diagnostic[:300],
             }, ensure_ascii=False)
-            action = "mail.undeliverable" if status.permanent else "mail.delayed"
+            action = "mail.undeliverable" if permanent else "mail.delayed"
             session.add(AuditEvent(actor="mailer-daemon", action=action,
                                    ticket_id=sent.ticket_id, detail=detail))
-            worst = status.status if status.permanent or not worst else worst
-            if status.permanent and sent.ticket_id is not None and sent.kind in _CUSTOMER_KINDS:
+            worst = status.status if permanent or not worst else worst
+            if permanent and sent.ticket_id is not None and sent.kind in _CUSTOMER_KINDS:
                 self._tell_agents(session, sent.ticket_id, status.address, status.status,
                                   status.diagnostic)
         session.flush()

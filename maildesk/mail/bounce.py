@@ -200,7 +200,7 @@ def _decode(data: bytes, charset: str | None) -> str:
 
 
 def _leading_text(part: Message) -> str:
-    """The first MAX_TEXT bytes of a text part, decoded, never decoding the whole part."""
+    """The first MAX_TEXT bytes of a text part, decoded; the rest is never decoded."""
     payload = part.get_payload()
     if not isinstance(payload, str):
         return ""
@@ -216,7 +216,8 @@ def _leading_text(part: Message) -> str:
     elif cte == "quoted-printable":
         data = quopri.decodestring(raw)
     else:
-        # Unencoded 8-bit text: only get_payload(decode=True) gives back its bytes as sent.
+        # Unencoded 8-bit text: only get_payload(decode=True) gives back its bytes as sent
+        # (get_payload() replaces them); that copies the part, but decodes nothing.
         whole = part.get_payload(decode=True)
         data = whole[:MAX_TEXT] if isinstance(whole, bytes) else b""
     text = _decode(data[:MAX_TEXT], part.get_content_charset())
