@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.mail.bounce import read_bounce
+from maildesk.mail.limits import ParseLimits
 from maildesk.mail.message import Delivery, Outcome, ParsedMail, StoreUnavailable
 from maildesk.mail.parse import MalformedMail, parse_mail
 from maildesk.mail.quotes import scrub_reply_addresses, strip_quoted_reply
@@ -68,12 +69,17 @@ class Pipeline:
         self.reply_keys = load_reply_keys(settings)
         self.notifier = Notifier(settings, self.reply_keys)
         self.notices = Notices(settings, self.notifier)
+        limits = settings.limits
+        self.parse_limits = ParseLimits(
+            max_mail_bytes=limits.max_mail_bytes, max_parts=limits.max_parts,
+            max_depth=limits.max_depth, max_header_bytes=limits.max_header_bytes,
+        )
         # Called after each commit that may have queued mail, to wake the sender.
         self.on_commit: Callable[[], object] = on_commit or (lambda: None)
 
     def parse(self, raw: bytes) -> ParsedMail:
         """Parse one raw mail within the configured bounds (MalformedMail when it breaks one)."""
-        return parse_mail(raw)
+        return parse_mail(raw, self.parse_limits)
 
     def stored_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> set[int]:
         """Which of these IMAP UIDs were stored already: the fetcher's checkpoint."""

@@ -19,6 +19,7 @@ from maildesk.signing import principal_of_account, principal_of_agent, reply_add
 from maildesk.store import database, directory
 from maildesk.store.files import ATTACHMENTS_DIR, content_path
 from maildesk.store.models import Attachment, InboundMail, Message, Outbox, Ticket
+from maildesk.store.tickets import revoke_reply_addresses
 
 DATA = Path(__file__).parent / "data"
 IMAP = Delivery(source="imap", mailbox="INBOX", uidvalidity=7, uid=1)
@@ -159,3 +160,19 @@ def test_two_instances_filing_the_same_mail_at_once_file_it_once(
         thread.join(timeout=30)
     assert sorted(outcomes) == ["duplicate", "ticket"]
     assert len(rows(engine, Ticket)) == 1 and len(rows(engine, Outbox)) == 2
+
+
+def test_revoked_reply_addresses_let_nobody_in(pipeline: Pipeline, engine: sa.Engine) -> None:
+    pipeline.process(customer_mail().as_bytes(), SMTP)
+    issued = reply_address(pipeline.reply_keys, DESK, 1, principal_of_agent(1))
+    with database.session_scope(engine) as session:
+        ticket = session.get(Ticket, 1)
+        assert ticket is not None
+        assert revoke_reply_addresses(session, ticket=ticket, actor="dpo") == 1
+    late = customer_mail(sender=AGENT, to=issued, text="Réponse")
+    assert pipeline.process(late.as_bytes(), SMTP).reason == (
+        "agent mail without a signed reply address"
+    )
+    fresh = reply_address(pipeline.reply_keys, DESK, 1, principal_of_agent(1), epoch=1)
+    answer = customer_mail(sender=AGENT, to=fresh, text="Réponse", subject="Re: [#1]")
+    assert pipeline.process(answer.as_bytes(), SMTP).outcome == "answer"

@@ -87,3 +87,13 @@ def add_message(
     )
     session.flush()
     return message
+
+
+def revoke_reply_addresses(session: Session, *, ticket: Ticket, actor: str) -> int:
+    """Make every reply address issued for the ticket so far worthless; returns the new epoch."""
+    ticket.reply_epoch += 1
+    session.add(ticket)
+    session.add(AuditEvent(actor=actor, action="ticket.reply_addresses_revoked",
+                           ticket_id=ticket.id))
+    session.flush()
+    return ticket.reply_epoch
