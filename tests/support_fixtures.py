@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from e2e import DESK, seed
 
+from maildesk.config import DeskSettings, SecuritySettings, Settings
+from maildesk.pipeline import Pipeline
 from maildesk.store import database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,3 +99,19 @@ def desk(tmp_path: Path) -> Desk:
     directory and store tests cover PostgreSQL in-process, and one CLI test covers it too.
     """
     return make_desk(tmp_path, f"sqlite:///{tmp_path / 'state' / 'maildesk.sqlite3'}")
+
+
+def make_pipeline(engine: sa.Engine, tmp_path: Path, **security: str) -> Pipeline:
+    """A pipeline on a seeded store (see e2e.seed), with extra [security] values."""
+    settings = Settings(
+        desk=DeskSettings(address=DESK, state_dir=tmp_path / "state"),
+        security=SecuritySettings(reply_key="k", **security),  # type: ignore[arg-type]
+    )
+    seed(engine)
+    return Pipeline(settings, engine)
+
+
+@pytest.fixture
+def pipeline(engine: sa.Engine, tmp_path: Path) -> Pipeline:
+    """A pipeline on a seeded store, on SQLite and PostgreSQL."""
+    return make_pipeline(engine, tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from e2e import AGENT, CUSTOMER, DESK, customer_mail, seed
+from e2e import AGENT, CUSTOMER, DESK, customer_mail
 from sqlmodel import Session, select
 
 from maildesk.config import DeskSettings, SecuritySettings, Settings
@@ -24,16 +24,6 @@ from maildesk.store.tickets import revoke_reply_addresses
 DATA = Path(__file__).parent / "data"
 IMAP = Delivery(source="imap", mailbox="INBOX", uidvalidity=7, uid=1)
 SMTP = Delivery(source="smtp", envelope_from=CUSTOMER, recipients=(DESK,))
-
-
-@pytest.fixture
-def pipeline(engine: sa.Engine, tmp_path: Path) -> Pipeline:
-    settings = Settings(
-        desk=DeskSettings(address=DESK, state_dir=tmp_path / "state"),
-        security=SecuritySettings(reply_key="k"),  # type: ignore[arg-type]
-    )
-    seed(engine)
-    return Pipeline(settings, engine)
 
 
 def rows(engine: sa.Engine, model: type) -> list:  # type: ignore[type-arg]

@@ -8,14 +8,12 @@ the quoted notification; the answer relayed to the customer must hold neither.
 from __future__ import annotations
 
 from email import message_from_bytes, policy
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from e2e import AGENT, CUSTOMER, DESK, customer_mail, seed
+from e2e import AGENT, CUSTOMER, DESK, customer_mail
 from sqlmodel import Session, select
 
-from maildesk.config import DeskSettings, SecuritySettings, Settings
 from maildesk.mail.message import Delivery
 from maildesk.pipeline import Pipeline
 from maildesk.signing import principal_of_agent, reply_address
@@ -67,16 +65,6 @@ SHAPES = [
 def test_the_shapes_cover_twenty_replies_in_five_languages() -> None:
     assert len(SHAPES) >= 20
     assert {language for language, _client, _lines in SHAPES} == {"en", "fr", "de", "es", "it"}
-
-
-@pytest.fixture
-def pipeline(engine: sa.Engine, tmp_path: Path) -> Pipeline:
-    settings = Settings(
-        desk=DeskSettings(address=DESK, state_dir=tmp_path / "state"),
-        security=SecuritySettings(reply_key="k"),  # type: ignore[arg-type]
-    )
-    seed(engine)
-    return Pipeline(settings, engine)
 
 
 @pytest.mark.parametrize(("language", "client", "lines"), SHAPES,

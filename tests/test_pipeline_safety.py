@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from e2e import AGENT, CUSTOMER, DESK, customer_mail, seed
+from e2e import AGENT, CUSTOMER, DESK, customer_mail
 from sqlmodel import Session, select
+from support_fixtures import make_pipeline
 
-from maildesk.config import DeskSettings, LimitsSettings, SecuritySettings, Settings
+from maildesk.config import LimitsSettings
 from maildesk.mail.message import Delivery
 from maildesk.pipeline import Pipeline
 from maildesk.store.models import AuditEvent, InboundMail, Outbox, Ticket
@@ -18,21 +19,6 @@ from maildesk.store.models import AuditEvent, InboundMail, Outbox, Ticket
 DSN = Path(__file__).parent / "data" / "dsn"
 SMTP = Delivery(source="smtp", envelope_from=CUSTOMER, recipients=(DESK,))
 TRUSTED = "mx.desk.example"
-
-
-def make_pipeline(engine: sa.Engine, tmp_path: Path, **security: str) -> Pipeline:
-    settings = Settings(
-        desk=DeskSettings(address=DESK, state_dir=tmp_path / "state"),
-        security=SecuritySettings(reply_key="k", **security),  # type: ignore[arg-type]
-        limits=LimitsSettings(automatic_per_mailbox_per_day=20, stranger_answers_per_hour=30),
-    )
-    seed(engine)
-    return Pipeline(settings, engine)
-
-
-@pytest.fixture
-def pipeline(engine: sa.Engine, tmp_path: Path) -> Pipeline:
-    return make_pipeline(engine, tmp_path)
 
 
 def rows(engine: sa.Engine, model: type) -> list:  # type: ignore[type-arg]

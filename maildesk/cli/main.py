@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from maildesk.cli import tickets as cli_tickets
+from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import ConfigError, Settings, config_path, load_settings
 from maildesk.logs import configure_logging
 from maildesk.store import database, directory
@@ -41,26 +41,12 @@ def _actor() -> str:
         return "cli"
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2, default=str))
-
-
-def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    cells = [[("" if row[c] is None else str(row[c])) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-
-
 def _show(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
+    """Print `rows` as JSON, or as a table of `columns` under their names as headings."""
     if as_json:
-        _print_json(rows)
+        print_json(rows)
     else:
-        _print_table(rows, columns)
+        table([[row.get(c) for c in columns] for row in rows], [c.upper() for c in columns])
 
 
 def _parse_when(text: str) -> datetime:
@@ -132,7 +118,7 @@ def cmd_companies_add(args: argparse.Namespace, settings: Settings) -> int:
 
     def work(session: Session) -> int:
         directory.add_company(session, name=args.name, after_hours=args.after_hours, actor=_actor())
-        print(f'company "{args.name}" added')
+        print(f'company "{terminal_safe(args.name)}" added')
         return 0
 
     return _in_transaction(settings, work)
@@ -149,7 +135,7 @@ def cmd_companies_update(args: argparse.Namespace, settings: Settings) -> int:
             active=False if args.inactive else (True if args.active else None),
             actor=_actor(),
         )
-        print(f'company "{company.name}" updated')
+        print(f'company "{terminal_safe(company.name)}" updated')
         return 0
 
     return _in_transaction(settings, work)
@@ -195,7 +181,7 @@ def cmd_accounts_add(args: argparse.Namespace, settings: Settings) -> int:
             locale=args.locale,
             actor=_actor(),
         )
-        print(f"account {account.email} added")
+        print(f"account {terminal_safe(account.email)} added")
         return 0
 
     return _in_transaction(settings, work)
@@ -213,7 +199,8 @@ def cmd_accounts_import(args: argparse.Namespace, settings: Settings) -> int:
 
     def work(session: Session) -> int:
         result = directory.import_accounts(session, data, source=str(path), actor=_actor())
-        print(f"{path}: {result.created} accounts created, {result.unchanged} already present")
+        print(f"{terminal_safe(path)}: {result.created} accounts created, "
+              f"{result.unchanged} already present")
         return 0
 
     return _in_transaction(settings, work)
@@ -232,7 +219,7 @@ def cmd_accounts_update(args: argparse.Namespace, settings: Settings) -> int:
             locale=args.locale,
             actor=_actor(),
         )
-        print(f"account {account.email} updated")
+        print(f"account {terminal_safe(account.email)} updated")
         return 0
 
     return _in_transaction(settings, work)
@@ -246,7 +233,7 @@ def cmd_accounts_deactivate(args: argparse.Namespace, settings: Settings) -> int
             session, email=args.email, on=args.on, actor=_actor()
         )
         when = account.deactivated_at.isoformat() if account.deactivated_at else "now"
-        print(f"account {account.email} deactivated from {when}")
+        print(f"account {terminal_safe(account.email)} deactivated from {when}")
         return 0
 
     return _in_transaction(settings, work)
@@ -271,10 +258,10 @@ def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int:
         company = session.get(directory.Company, account.company_id)
         view = _account_view(account, company)
         if args.json:
-            _print_json(view)
+            print_json(view)
         else:
             for key, value in view.items():
-                print(f"{key + ':':16}{'' if value is None else value}")
+                print(f"{key + ':':16}{terminal_safe(value)}")
         return 0
 
     return _in_transaction(settings, work)
@@ -290,7 +277,7 @@ def cmd_agents_add(args: argparse.Namespace, settings: Settings) -> int:
         agent = directory.add_agent(
             session, email=args.email, name=args.name, region=args.region, actor=_actor()
         )
-        print(f"agent {agent.email} added ({agent.region})")
+        print(f"agent {terminal_safe(agent.email)} added ({terminal_safe(agent.region)})")
         return 0
 
     return _in_transaction(settings, work)
@@ -315,7 +302,7 @@ def cmd_agents_deactivate(args: argparse.Namespace, settings: Settings) -> int:
 
     def work(session: Session) -> int:
         agent = directory.deactivate_agent(session, email=args.email, actor=_actor())
-        print(f"agent {agent.email} deactivated")
+        print(f"agent {terminal_safe(agent.email)} deactivated")
         return 0
 
     return _in_transaction(settings, work)
@@ -381,12 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"maildesk: error: {message}", file=sys.stderr)
+    # Messages quote what they refused, such as a cell of a customer's CSV file.
+    print(f"maildesk: error: {terminal_safe(message)}", file=sys.stderr)
     return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `maildesk` command."""
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or pipe that cannot encode a name gets an escape, not a traceback.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
@@ -403,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.actor = _actor()
         return handler(args, settings)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        print(terminal_safe(exc), file=sys.stderr)
         return EXIT_USAGE
     except (DirectoryError, StoreError, CommandError, cli_tickets.NotFound) as exc:
         return _fail(str(exc), EXIT_FAILED)

@@ -1,21 +1,40 @@
-"""The `tickets` and `quarantine` commands: what agents look at from the shell."""
+"""The `tickets` and `quarantine` commands: what agents look at from the shell.
+
+A listing shows every row, whatever is stored: a row that cannot be read (an odd value in the
+database, a raw mail gone from disk, a header the email package chokes on) is shown as
+unreadable, with the reason, among the others, and the command still succeeds.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from email import policy
+from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.parser import BytesHeaderParser
+from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
+from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import Settings
 from maildesk.store import database
-from maildesk.store.files import read_raw
 from maildesk.store.models import Account, Attachment, Company, InboundMail, Message, Ticket
+
+# Bounds on what a listing reads of a stored raw mail to show its sender and subject.
+HEADER_BYTES = 64 * 1024
+MAX_HEADER_FIELDS = 500
+
+# Every header read as unstructured text: it decodes RFC 2047 words, which is all a listing
+# needs, while the address parser of policy.default recurses once per nested comment (so 1,200
+# of them raise RecursionError) and takes quadratic time on some hostile values.
+_DISPLAY_POLICY = policy.default.clone(
+    header_factory=HeaderRegistry(default_class=UnstructuredHeader, use_default_map=False)
+)
 
 
 class NotFound(Exception):
@@ -38,35 +57,85 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _why(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def _raw_missing(exc: OSError) -> str:
+    return "raw mail missing" if isinstance(exc, FileNotFoundError) else f"raw mail: {_why(exc)}"
+
+
+def _load_all(
+    session: Session, model: Any, *where: Any, newest_first: bool = False
+) -> list[tuple[int, Any, str | None]]:
+    """The rows of `model` matching `where` as (id, row, None), or (id, None, why) if unreadable."""
+    order = col(model.id).desc() if newest_first else col(model.id)
+    try:
+        return [(r.id, r, None) for r in session.exec(select(model).where(*where).order_by(order))]
+    except sa.exc.DBAPIError:
+        raise  # The database itself failed: that is no row's fault.
+    except Exception:
+        # One odd value fails the whole query; reading row by row finds which row it is in.
+        ids = session.exec(select(model.id).where(*where).order_by(order)).all()
+    loaded = [(row_id, *_get(session, model, row_id)) for row_id in ids]
+    return [(row_id, row, why) for row_id, row, why in loaded if row is not None or why]
+
+
+def _get(session: Session, model: Any, row_id: Any) -> tuple[Any, str | None]:
+    """One row by id, or the reason it cannot be read."""
+    try:
+        return session.get(model, row_id), None
+    except sa.exc.DBAPIError:
+        raise
+    except Exception as exc:
+        return None, _why(exc)
+
+
+def _message_entry(session: Session, message: Message, *, with_text: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "direction": message.direction,
+        "author": message.author_name,
+        "author_email": message.author_email,
+        "author_kind": message.author_kind,
+        "created_at": _iso(message.created_at),
+        "matched_by": message.matched_by,
+        "message_id": message.message_id,
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size,
+             "inline": a.inline, "unreadable": {}}
+            if a is not None
+            else {"filename": None, "content_type": None, "size": None, "inline": None,
+                  "unreadable": {"row": why}}
+            for _, a, why in _load_all(session, Attachment, Attachment.message_id == message.id)
+        ],
+        "unreadable": {},
+    }
+    if with_text:
+        entry["text"] = message.text
+    return entry
+
+
 def ticket_view(session: Session, ticket: Ticket, *, with_text: bool) -> dict[str, Any]:
-    """A ticket as the CLI shows it, with its thread."""
-    account = session.get(Account, ticket.account_id)
-    company = session.get(Company, ticket.company_id)
-    messages = session.exec(
-        select(Message).where(Message.ticket_id == ticket.id).order_by(col(Message.id))
-    ).all()
+    """A ticket as the CLI shows it, with its thread; parts that cannot be read say why."""
+    unreadable: dict[str, str] = {}
+    account, why = _get(session, Account, ticket.account_id)
+    if why:
+        unreadable["requester"] = why
+    company, why = _get(session, Company, ticket.company_id)
+    if why:
+        unreadable["company"] = why
     thread = []
-    for message in messages:
-        attachments = session.exec(
-            select(Attachment).where(Attachment.message_id == message.id)
-        ).all()
-        entry: dict[str, Any] = {
-            "direction": message.direction,
-            "author": message.author_name,
-            "author_email": message.author_email,
-            "author_kind": message.author_kind,
-            "created_at": _iso(message.created_at),
-            "matched_by": message.matched_by,
-            "message_id": message.message_id,
-            "attachments": [
-                {"filename": a.filename, "content_type": a.content_type, "size": a.size,
-                 "inline": a.inline}
-                for a in attachments
-            ],
-        }
-        if with_text:
-            entry["text"] = message.text
-        thread.append(entry)
+    for _, message, why in _load_all(session, Message, Message.ticket_id == ticket.id):
+        if message is not None:
+            try:
+                thread.append(_message_entry(session, message, with_text=with_text))
+                continue
+            except sa.exc.DBAPIError:
+                raise
+            except Exception as exc:
+                why = _why(exc)
+        thread.append({"unreadable": {"row": why}, "attachments": [],
+                       **({"text": None} if with_text else {})})
     return {
         "ref": ticket.id,
         "subject": ticket.subject,
@@ -77,88 +146,183 @@ def ticket_view(session: Session, ticket: Ticket, *, with_text: bool) -> dict[st
         "created_at": _iso(ticket.created_at),
         "updated_at": _iso(ticket.updated_at),
         "messages": thread,
+        "unreadable": unreadable,
     }
 
 
-def _print(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2))
+def _unreadable_ticket(ref: int, why: str) -> dict[str, Any]:
+    names = ("subject", "status", "requester", "requester_name", "company", "created_at",
+             "updated_at")
+    return {"ref": ref, **dict.fromkeys(names), "messages": [], "unreadable": {"row": why}}
+
+
+def _shown(view: dict[str, Any], key: str, *, or_row: bool = False) -> str:
+    """A view's value for a person: "(unreadable: why)" where it (or, if `or_row`, its row) is."""
+    why = view["unreadable"].get(key) or (view["unreadable"].get("row") if or_row else None)
+    return f"(unreadable: {why})" if why else terminal_safe(view.get(key))
+
+
+def _minute(value: Any) -> str:
+    return value[:16].replace("T", " ") if isinstance(value, str) else ""
 
 
 def cmd_tickets_list(args: argparse.Namespace, settings: Settings) -> int:
     """List tickets, newest first."""
+    where = [Ticket.status == args.status] if args.status else []
+    views = []
     with _reading(settings) as session:
-        query = select(Ticket).order_by(col(Ticket.id).desc())
-        if args.status:
-            query = query.where(Ticket.status == args.status)
-        views = [ticket_view(session, t, with_text=args.json) for t in session.exec(query)]
+        for ref, ticket, why in _load_all(session, Ticket, *where, newest_first=True):
+            try:
+                views.append(ticket_view(session, ticket, with_text=args.json) if ticket
+                             else _unreadable_ticket(ref, why or "?"))
+            except sa.exc.DBAPIError:
+                raise
+            except Exception as exc:
+                views.append(_unreadable_ticket(ref, _why(exc)))
     if args.json:
-        _print(views)
+        print_json(views)
         return 0
-    if not views:
-        print("(no tickets)")
-    for v in views:
-        print(f"#{v['ref']:<6} {v['status']:<9} {v['updated_at'][:16]}  {v['requester']} "
-              f"({v['company']})  {v['subject']}  [{len(v['messages'])} messages]")
+    table(
+        [
+            [f"#{v['ref']}", v["status"], _minute(v["updated_at"]), _shown(v, "requester"),
+             _shown(v, "company"), _shown(v, "subject", or_row=True), len(v["messages"])]
+            for v in views
+        ],
+        ["TICKET", "STATUS", "UPDATED", "REQUESTER", "COMPANY", "SUBJECT", "MESSAGES"],
+    )
     return 0
 
 
 def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one ticket and its thread."""
     with _reading(settings) as session:
-        ticket = session.get(Ticket, args.ref)
+        ticket, why = _get(session, Ticket, args.ref)
+        if why:
+            raise NotFound(f"ticket #{args.ref} cannot be read ({why})")
         if ticket is None:
             raise NotFound(f"no ticket #{args.ref}")
         view = ticket_view(session, ticket, with_text=True)
     if args.json:
-        _print(view)
+        print_json(view)
         return 0
-    print(f"#{view['ref']} {view['subject']}")
-    print(f"status: {view['status']}; requester: {view['requester_name']} <{view['requester']}>"
-          f" ({view['company']}); opened {view['created_at']}")
+    safe = terminal_safe
+    print(f"#{view['ref']} {safe(view['subject'])}")
+    print(f"status: {safe(view['status'])}; requester: {_shown(view, 'requester_name')} "
+          f"<{_shown(view, 'requester')}> ({_shown(view, 'company')}); "
+          f"opened {safe(view['created_at'])}")
     for m in view["messages"]:
-        print(f"\n--- {m['created_at']} {m['author_kind']} {m['author']} <{m['author_email']}>")
-        print(m["text"])
+        if "row" in m["unreadable"]:
+            print(f"\n--- (unreadable message: {m['unreadable']['row']})")
+            continue
+        print(f"\n--- {safe(m['created_at'])} {safe(m['author_kind'])} {safe(m['author'])} "
+              f"<{safe(m['author_email'])}>")
+        print(terminal_safe(m["text"], multiline=True))
         for a in m["attachments"]:
-            print(f"[attachment: {a['filename']} ({a['content_type']}, {a['size']} bytes)]")
+            print(f"[attachment: {_shown(a, 'filename', or_row=True)} "
+                  f"({safe(a['content_type'])}, {safe(a['size'])} bytes)]")
     return 0
 
 
-def _quarantine_view(settings: Settings, inbound: InboundMail) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DisplayHeaders:
+    """A stored mail's From and Subject for display, and why any of them could not be read."""
+
+    sender: str | None
+    subject: str | None
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+def _header_section(head: bytes) -> tuple[bytes, bool]:
+    """The header fields at the start of `head`, at most MAX_HEADER_FIELDS; and whether all."""
+    kept: list[bytes] = []
+    fields = 0
+    for line in head.splitlines(keepends=True):
+        if not line.strip(b"\r\n"):
+            return b"".join(kept), True  # The empty line that ends the header section.
+        if line[:1] not in (b" ", b"\t"):
+            fields += 1
+            if fields > MAX_HEADER_FIELDS:
+                return b"".join(kept), False
+        kept.append(line)
+    return b"".join(kept), len(head) < HEADER_BYTES
+
+
+def read_display_headers(path: Path) -> DisplayHeaders:
+    """The From and Subject of the raw mail at `path`, read within bounds; never raises."""
     try:
-        raw = read_raw(settings.desk.state_dir, inbound.raw_path)
-        headers = BytesHeaderParser(policy=policy.default).parsebytes(raw)
-        sender, subject = str(headers.get("From", "")), str(headers.get("Subject", ""))
-    except (OSError, ValueError, IndexError):
-        sender, subject = "", ""
+        with path.open("rb") as handle:
+            head = handle.read(HEADER_BYTES)
+    except OSError as exc:
+        why = _raw_missing(exc)
+        return DisplayHeaders(None, None, {"from": why, "subject": why})
+    section, whole = _header_section(head)
+    values: dict[str, str | None] = {}
+    unreadable: dict[str, str] = {}
+    try:
+        headers = BytesHeaderParser(policy=_DISPLAY_POLICY).parsebytes(section)
+    except Exception as exc:  # The email package has no common base class for its failures.
+        return DisplayHeaders(None, None, {"from": _why(exc), "subject": _why(exc)})
+    for key, name in (("from", "From"), ("subject", "Subject")):
+        try:
+            value = headers.get(name)
+        except Exception as exc:
+            values[key], unreadable[key] = None, _why(exc)
+            continue
+        if value is None and not whole:
+            values[key], unreadable[key] = None, "beyond the headers read"
+        else:
+            values[key] = "" if value is None else str(value)
+    return DisplayHeaders(values["from"], values["subject"], unreadable)
+
+
+def _quarantine_view(settings: Settings, inbound: InboundMail) -> dict[str, Any]:
+    headers = read_display_headers(settings.desk.state_dir / inbound.raw_path)
     return {
         "id": inbound.id,
         "received_at": _iso(inbound.received_at),
         "source": inbound.source,
-        "from": sender,
-        "subject": subject,
+        "from": headers.sender,
+        "subject": headers.subject,
         "reason": inbound.reason,
         "message_id": inbound.message_id,
         "size": inbound.size,
+        "envelope_from": inbound.envelope_from,
+        "unreadable": headers.unreadable,
     }
+
+
+def _unreadable_mail(mail_id: int, why: str) -> dict[str, Any]:
+    names = ("received_at", "source", "from", "subject", "reason", "message_id", "size",
+             "envelope_from")
+    return {"id": mail_id, **dict.fromkeys(names), "unreadable": {"row": why}}
 
 
 def cmd_quarantine_list(args: argparse.Namespace, settings: Settings) -> int:
     """List the mails held in quarantine."""
+    views = []
     with _reading(settings) as session:
-        held = session.exec(
-            select(InboundMail)
-            .where(InboundMail.outcome == "quarantined")
-            .order_by(col(InboundMail.id))
-        ).all()
-        views = [_quarantine_view(settings, inbound) for inbound in held]
+        held = _load_all(session, InboundMail, InboundMail.outcome == "quarantined")
+        for mail_id, inbound, why in held:
+            try:
+                views.append(_quarantine_view(settings, inbound) if inbound
+                             else _unreadable_mail(mail_id, why or "?"))
+            except Exception as exc:
+                views.append(_unreadable_mail(mail_id, _why(exc)))
         total = session.exec(select(func.count()).select_from(InboundMail)).one()
     if args.json:
-        _print(views)
+        print_json(views)
         return 0
-    for v in views:
-        print(f"{v['id']:<6} {v['received_at'][:16]}  {v['reason']:<30}  {v['from']}  "
-              f"{v['subject']}")
-    print(f"{len(views)} held in quarantine, of {total} mails received")
+    table(
+        [
+            [v["id"], _minute(v["received_at"]),
+             _shown(v, "from") if v["from"] != "" else terminal_safe(v["envelope_from"]),
+             _shown(v, "subject", or_row=True), v["reason"]]
+            for v in views
+        ],
+        ["MAIL", "RECEIVED", "SENDER", "SUBJECT", "REASON"],
+    )
+    print(f"{len(views)} held in quarantine, of {total} mails received; "
+          "`maildesk quarantine show MAIL` shows one")
     return 0
 
 
@@ -167,25 +331,32 @@ def cmd_quarantine_show(args: argparse.Namespace, settings: Settings) -> int:
     from maildesk.mail.parse import MalformedMail, parse_mail
 
     with _reading(settings) as session:
-        inbound = session.get(InboundMail, args.id)
+        inbound, why = _get(session, InboundMail, args.id)
+        if why:
+            raise NotFound(f"mail {args.id} cannot be read ({why})")
         if inbound is None or inbound.outcome != "quarantined":
             raise NotFound(f"no quarantined mail with id {args.id}")
         view = _quarantine_view(settings, inbound)
-    raw = read_raw(settings.desk.state_dir, inbound.raw_path)
+    raw_path = settings.desk.state_dir / inbound.raw_path
+    view["text"], view["parse_error"] = None, None
     try:
-        view["text"] = parse_mail(raw).text
+        view["text"] = parse_mail(raw_path.read_bytes()).text
+    except OSError as exc:
+        view["parse_error"] = _raw_missing(exc)
     except MalformedMail as exc:
-        view["text"] = None
         view["parse_error"] = exc.reason
-    view["raw_path"] = str(settings.desk.state_dir / inbound.raw_path)
+    except Exception as exc:  # parse_mail should say MalformedMail; a stored mail may not.
+        view["parse_error"] = f"cannot parse mail ({_why(exc)})"
+    view["raw_path"] = str(raw_path)
     if args.json:
-        _print(view)
+        print_json(view)
         return 0
-    for key, value in view.items():
-        if key != "text":
-            print(f"{key + ':':13}{'' if value is None else value}")
+    for key in view:
+        if key not in ("text", "unreadable"):
+            print(f"{('mail' if key == 'id' else key) + ':':15}{_shown(view, key)}")
     print()
-    print(view["text"] if view["text"] is not None else "(the mail could not be parsed)")
+    print(terminal_safe(view["text"], multiline=True) if view["text"] is not None
+          else "(the mail could not be parsed)")
     return 0
 
 
@@ -202,9 +373,10 @@ def cmd_quarantine_release(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         engine.dispose()
     if outcome.quarantined:
-        print(f"mail {args.id} is still held: {outcome.reason}")
+        print(f"mail {args.id} is still held: {terminal_safe(outcome.reason)}")
         return 1
-    print(f"mail {args.id} released: {outcome.outcome}, ticket #{outcome.ticket_id}")
+    print(f"mail {args.id} released: {terminal_safe(outcome.outcome)}, "
+          f"ticket #{outcome.ticket_id}")
     return 0
 
 

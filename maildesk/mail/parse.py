@@ -123,7 +123,8 @@ def _split_addresses(value: str) -> list[tuple[str, str]]:
     hidden = _ENCODED_WORD.sub(hide, value.replace("\ue000", "").replace("\ue001", ""))
     try:
         pairs = email.utils.getaddresses([hidden])
-    except RecursionError:  # Groups nest by recursion in email.utils: "g:" a thousand times.
+    except RecursionError:
+        # email.utils recurses once a group, so "g:" a thousand times exhausts the stack.
         return []
     return [
         (clean_text(_decode_words(show(name)), multiline=False), show(addr))
@@ -132,7 +133,7 @@ def _split_addresses(value: str) -> list[tuple[str, str]]:
     ]
 
 
-def clean_address(addr: str) -> str | None:
+def _clean_address(addr: str) -> str | None:
     """Return a clean addr-spec with its domain lowercased, or None if addr is not one."""
     addr = addr.strip()
     if len(addr) > 254 or not _ADDR_SPEC.fullmatch(addr):
@@ -146,7 +147,7 @@ def _addresses(msg: EmailMessage, *names: str) -> list[tuple[str, str]]:
     found: dict[str, str] = {}
     for value in (value for name in names for value in _raw_headers(msg, name)):
         for display_name, addr in _split_addresses(value):
-            clean = clean_address(addr)
+            clean = _clean_address(addr)
             if clean is not None:
                 found.setdefault(clean, display_name)
     return [(name, addr) for addr, name in found.items()]
@@ -158,7 +159,7 @@ def _sender(msg: EmailMessage) -> tuple[str, str, str | None]:
     if not values:
         raise MalformedMail("no From header")
     pairs = [pair for value in values for pair in _split_addresses(value)]
-    usable = [(name, clean) for name, addr in pairs if (clean := clean_address(addr))]
+    usable = [(name, clean) for name, addr in pairs if (clean := _clean_address(addr))]
     if not usable:
         raise MalformedMail("From header has no usable address")
     name, addr = usable[0]
@@ -168,7 +169,7 @@ def _sender(msg: EmailMessage) -> tuple[str, str, str | None]:
     elif len(pairs) > 1:
         problem = "From is not one clean address"
     elif any(other.lower() != addr.lower() for other in _ADDR_IN_TEXT.findall(name)):
-        # "claire@client.example" <mallory@evil.example> shows as Claire in most clients.
+        # Most clients show the display name alone, so an address there passes for the sender.
         problem = "From display name contains another address"
     return name, addr, problem
 
@@ -348,7 +349,8 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMail:
     if not text and html:
         text, truncated = html_to_text(html, sanitised=True), html_cut
     text = clean_text(text, multiline=True)
-    if truncated or len(text) > limit:
+    truncated = truncated or len(text) > limit  # Several parts may pass the limit together.
+    if truncated:
         text = text[:limit].rstrip() + "\n\n" + TRUNCATION_MARKER.format(limit=limit)
     cids = {unquote(ref).lower() for ref in _CID_REF.findall(html_source or "")}
     body_ids = {id(leaf.part) for leaf in [*plains, html_leaf] if leaf is not None}

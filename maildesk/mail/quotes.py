@@ -32,12 +32,13 @@ _MARKER = re.compile(
 # Every attribution starts with a word that these match, which skips most lines cheaply.
 _ATTRIBUTION_START = re.compile(r"(?:On|Le|Am|El|Il)\s", re.I)
 # Gmail, Apple Mail and Thunderbird in English, French, German, Spanish and Italian. Each form
-# needs a digit (the date) after its first word; "\D*\d" cannot backtrack, so that a failed match
-# costs a few scans of the line, not one per pair of positions.
+# needs a digit (the date) after its first word; "\D*\d" cannot backtrack, and the German form
+# takes its first "schrieb", so that a match costs a few scans of the line, not one per pair of
+# positions (the caller also checks for the final colon first).
 _ATTRIBUTION = re.compile(
     r"(?:On\s\D*\d.*\swrote"
     r"|Le\s\D*\d.*\sa\s+écrit"
-    r"|Am\s\D*\d.*\sschrieb(?:\s.*)?"
+    r"|Am\s\D*\d.*?\sschrieb(?:\s.*)?"
     r"|El\s\D*\d.*\sescribió"
     r"|Il\s\D*\d.*\sha\s+scritto"
     r")\s*:",
@@ -91,7 +92,7 @@ def _attribution(lines: list[str], i: int) -> bool:
         joined = " ".join(parts)
         if len(joined) > _MAX_ATTRIBUTION:
             return False
-        if _ATTRIBUTION.fullmatch(joined):
+        if joined.endswith(":") and _ATTRIBUTION.fullmatch(joined):
             return True
     return False
 

@@ -64,6 +64,8 @@ def test_commands_refuse_an_out_of_date_schema(tmp_path: Path) -> None:
         ["accounts", "add"], ["accounts", "import"], ["accounts", "update"],
         ["accounts", "deactivate"], ["accounts", "list"], ["accounts", "show"],
         ["agents", "add"], ["agents", "list"], ["agents", "deactivate"],
+        ["tickets", "list"], ["tickets", "show"], ["quarantine", "list"], ["quarantine", "show"],
+        ["quarantine", "release"],
     ],
 )
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,6 +87,11 @@ def test_companies(desk: Desk) -> None:
     assert listed == [
         {"name": "ACME SA", "after_hours": False, "active": True},
         {"name": "Globex", "after_hours": True, "active": False},
+    ]
+    assert desk.cli("companies", "list").out.splitlines() == [
+        "NAME     AFTER_HOURS  ACTIVE",
+        "ACME SA  False        True",
+        "Globex   True         False",
     ]
     missing = desk.cli("companies", "update", "Initech", "--inactive")
     assert (missing.code, missing.err.strip()) == (1, 'maildesk: error: no company named "Initech"')
@@ -207,6 +214,46 @@ def test_one_bad_row_rejects_the_whole_file(desk: Desk) -> None:
         result = desk.cli("accounts", "import", "bad.csv")
         assert (result.code, result.err.strip()) == (1, f"maildesk: error: bad.csv: {reason}")
     assert _accounts(desk) == []
+
+
+# A customer company's CSV, with controls in its cells: an OSC that retitles the terminal, a
+# NUL, an erase-screen CSI, and bidi isolates.
+HOSTILE_CSV = (
+    "email,name,company,phone,locale\n"
+    'zoe@globex.example,"Zoé\x1b]0;root@desk\x07 Lefèvre",Globex,,\n'
+    'marc@globex.example,"Marc\x00 \u2066Petit\u2069",Globex,"+33\x1b[2J 1 23",en\n'
+)
+
+
+def test_names_from_a_csv_reach_the_terminal_escaped(desk: Desk) -> None:
+    assert desk.cli("companies", "add", "Globex").code == 0
+    (desk.directory / "people.csv").write_text(HOSTILE_CSV, encoding="utf-8")
+    assert desk.cli("accounts", "import", "people.csv").code == 0
+    listed = desk.cli("accounts", "list")
+    assert listed.out.splitlines() == [
+        "EMAIL                NAME                             COMPANY  LOCALE  ACTIVE",
+        "marc@globex.example  Marc\\x00 \\u2066Petit\\u2069       Globex   en      True",
+        "zoe@globex.example   Zoé\\x1b]0;root@desk\\x07 Lefèvre  Globex   fr      True",
+    ]
+    shown = desk.cli("accounts", "show", "marc@globex.example").out.splitlines()
+    assert shown[1:4] == [
+        "name:           Marc\\x00 \\u2066Petit\\u2069",
+        "company:        Globex",
+        "phone:          +33\\x1b[2J 1 23",
+    ]
+    as_json = desk.cli("accounts", "list", "--json").out
+    assert not {"\x1b", "\x00", "\x07", "\u2066"} & set(as_json)
+    assert json.loads(as_json)[0]["name"] == "Marc\x00 \u2066Petit\u2069"
+
+
+def test_an_error_quoting_a_csv_cell_is_escaped(desk: Desk) -> None:
+    (desk.directory / "bad.csv").write_text(
+        "email,name,company\nzoe@globex.example,Zoé,Init\x1b[2Jech\u202e\n", encoding="utf-8"
+    )
+    result = desk.cli("accounts", "import", "bad.csv")
+    assert (result.code, result.err) == (
+        1, 'maildesk: error: bad.csv: line 2: no company named "Init\\x1b[2Jech\\u202e"\n'
+    )
 
 
 def test_the_cli_works_on_postgresql(tmp_path: Path, postgres_url: str) -> None:

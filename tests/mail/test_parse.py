@@ -795,3 +795,11 @@ def test_text_limit() -> None:
     assert mail.text == "0123456789\n0123456789\n012\n\n" + TRUNCATION_MARKER.format(limit=25)
     assert mail.truncated is True
     assert parse_mail(raw).truncated is False
+
+
+def test_text_limit_holds_for_parts_together() -> None:
+    part = b"--b\r\nContent-Type: text/plain\r\n\r\n0123456789\r\n"
+    raw = b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n' + part * 3
+    mail = parse_mail(raw + b"--b--\r\n", ParseLimits(max_text_chars=25))
+    assert mail.text == "0123456789\n\n0123456789\n\n0\n\n" + TRUNCATION_MARKER.format(limit=25)
+    assert mail.truncated is True
