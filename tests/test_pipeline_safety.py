@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from support_fixtures import make_pipeline
 from maildesk.config import LimitsSettings
 from maildesk.mail.message import Delivery
 from maildesk.pipeline import Pipeline
-from maildesk.store.models import AuditEvent, InboundMail, Outbox, Ticket
+from maildesk.store.models import Account, AuditEvent, InboundMail, Outbox, Ticket
 
 DSN = Path(__file__).parent / "data" / "dsn"
 SMTP = Delivery(source="smtp", envelope_from=CUSTOMER, recipients=(DESK,))
@@ -174,3 +175,46 @@ def test_an_oversized_mail_is_quarantined_and_its_sender_told_the_limit(
     assert b"25" in notice.raw and rows(engine, Ticket) == []
     [held] = rows(engine, InboundMail)
     assert held.outcome == "quarantined"
+
+
+def test_no_value_from_a_mail_or_the_directory_adds_a_header_or_a_recipient(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    with Session(engine) as session:
+        account = session.exec(select(Account).where(Account.email == CUSTOMER)).one()
+        account.name = "Claire\r\nBcc: evil@attacker.example\x1b[2J"
+        session.add(account)
+        session.commit()
+    mail = customer_mail(
+        subject="=?UTF-8?Q?Export=0D=0ABcc:_evil2@attacker.example=00?=",
+        sender=CUSTOMER,
+    )
+    raw = mail.as_bytes().replace(
+        f"From: Claire Dupont <{CUSTOMER}>".encode(),
+        f"From: =?UTF-8?Q?Claire_A=0D=0ACc:_evil3@attacker.example?= <{CUSTOMER}>".encode(),
+    )
+    outcome = pipeline.process(raw, SMTP)
+    # The display name hides another address: quarantined, and nobody is written to.
+    assert (outcome.outcome, outcome.reason) == (
+        "quarantined", "ambiguous sender: From display name contains another address"
+    )
+    plain = customer_mail(subject="=?UTF-8?Q?Export=0D=0ABcc:_evil2@attacker.example=00?=")
+    plain.add_attachment(b"%PDF-1.4", maintype="application", subtype="pdf",
+                         filename="facture.pdf")
+    hostile = plain.as_bytes().replace(
+        b'filename="facture.pdf"',
+        b"filename*=utf-8''facture%0D%0ABcc%3A%20evil4%40attacker.example%00.pdf",
+    )
+    assert b"evil4" in hostile
+    assert pipeline.process(hostile, SMTP).outcome == "ticket"
+    sent = rows(engine, Outbox)
+    assert {o.kind for o in sent} == {"acknowledgement", "new_ticket"}
+    for row in sent:
+        parsed = message_from_bytes(row.raw, policy=policy.default)
+        assert parsed["Bcc"] is None and parsed["Cc"] is None
+        assert len(json.loads(row.recipients)) == 1
+        head = row.raw.split(b"\r\n\r\n", 1)[0]
+        assert b"\r\nBcc:" not in head and b"\r\nCc:" not in head
+        assert b"\x1b" not in row.raw and b"\x00" not in row.raw
+        to = parsed["To"].addresses
+        assert len(to) == 1 and "attacker" not in to[0].addr_spec

@@ -135,7 +135,7 @@ def _reply_address_pattern(desk_address: str) -> re.Pattern[str]:
     return re.compile(
         # Not the tail of a longer local part (xsupport+…), nor a longer domain after it.
         rf"(?<![\w.!#$%&'*+/=?^`{{|}}~-])"
-        rf"(?:\"{local}{plus}[^\"\s]{{1,200}}\"|{local}{plus}{detail})"
+        rf"(?:\"{local}{plus}[^\"\r\n]{{1,200}}\"|{local}{plus}{detail})"
         rf"{at}{domain}(?![\w-]|\.[\w-])",
         re.I,
     )

@@ -24,6 +24,7 @@ import jinja2
 from sqlmodel import Session, col, select
 
 from maildesk.config import Settings
+from maildesk.mail.htmltext import clean_text
 from maildesk.mail.quotes import REPLY_ABOVE_MARKER, scrub_reply_addresses
 from maildesk.rules.classify import LOOP_HEADER
 from maildesk.rules.limits import mailbox_key
@@ -84,10 +85,14 @@ def default_templates_dir() -> Path:
     return _PACKAGE_DIR / "templates"
 
 
+def _clean_value(value: Any) -> Any:
+    return clean_text(value, multiline=True) if isinstance(value, str) else value
+
+
 def _one_line(value: str) -> str:
     # Names and subjects come partly from customers' mails; collapsing whitespace keeps a stray
-    # CR or LF from reaching a header, where the email package would refuse it.
-    return " ".join(value.split())
+    # CR or LF, or a control character, from reaching a header.
+    return clean_text(value, multiline=False)
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,9 @@ class Notifier:
                 enabled_extensions=("html.j2",), default_for_string=False, default=False
             ),
             undefined=jinja2.StrictUndefined,
+            # Every value printed into a mail loses its control and bidi characters, whatever
+            # row it came from: a name with ESC or CR in the store reaches no recipient.
+            finalize=_clean_value,
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,

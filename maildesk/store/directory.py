@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
+from maildesk.mail.htmltext import clean_text
 from maildesk.store.models import Account, Agent, AuditEvent, Company, utcnow
 
 LOCALES = ("fr", "en")
@@ -60,13 +61,14 @@ def _audit(session: Session, action: str, actor: str, **fields: Any) -> None:
 
 def find_company(session: Session, name: str) -> Company | None:
     """The company of that name, compared case-insensitively."""
-    query = select(Company).where(func.lower(Company.name) == name.strip().lower())
+    wanted = clean_text(name, multiline=False).lower()
+    query = select(Company).where(func.lower(Company.name) == wanted)
     return session.exec(query).first()
 
 
 def add_company(session: Session, *, name: str, after_hours: bool, actor: str) -> Company:
     """Create a company."""
-    name = name.strip()
+    name = clean_text(name, multiline=False)
     if not name:
         raise DirectoryError("company name is empty")
     if find_company(session, name):
@@ -142,7 +144,7 @@ def add_account(
 ) -> Account:
     """Create an account for a person that `company` authorised."""
     address = normalise_email(email)
-    if not name.strip():
+    if not clean_text(name, multiline=False):
         raise DirectoryError("name is missing")
     owner = find_company(session, company)
     if owner is None:
@@ -151,7 +153,7 @@ def add_account(
         raise DirectoryError(f"an account with email {address} already exists")
     account = Account(
         email=address,
-        name=name.strip(),
+        name=clean_text(name, multiline=False),
         phone=(phone or "").strip() or None,
         company_id=owner.id,  # type: ignore[arg-type]
         locale=_check_locale(locale),
@@ -183,9 +185,9 @@ def update_account(
             account.email = address
             changed.append("email")
     if name is not None:
-        if not name.strip():
+        if not clean_text(name, multiline=False):
             raise DirectoryError("name is missing")
-        account.name = name.strip()
+        account.name = clean_text(name, multiline=False)
         changed.append("name")
     if phone is not None:
         account.phone = phone.strip() or None
@@ -310,11 +312,11 @@ def add_agent(session: Session, *, email: str, name: str, region: str, actor: st
     address = normalise_email(email)
     if region not in REGIONS:
         raise DirectoryError(f'region must be one of {", ".join(REGIONS)}, not "{region}"')
-    if not name.strip():
+    if not clean_text(name, multiline=False):
         raise DirectoryError("name is missing")
     if find_agent(session, address):
         raise DirectoryError(f"an agent with email {address} already exists")
-    agent = Agent(email=address, name=name.strip(), region=region)
+    agent = Agent(email=address, name=clean_text(name, multiline=False), region=region)
     session.add(agent)
     session.flush()
     _audit(session, "agent.add", actor, agent=address, region=region)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from maildesk.mail.htmltext import html_to_text
 from maildesk.mail.parse import parse_mail
 from maildesk.mail.quotes import REPLY_ABOVE_MARKER, scrub_reply_addresses, strip_quoted_reply
 
@@ -126,7 +127,7 @@ def test_strip_quoted_reply_handles_crlf_and_long_lines() -> None:
     assert strip_quoted_reply(long_line) == long_line.strip()
 
 
-# html_to_text.
+# What only looks like history, and hostile input.
 
 
 def test_strip_quoted_reply_keeps_lines_that_only_look_like_history() -> None:
@@ -170,14 +171,15 @@ def test_strip_quoted_reply_keeps_forwarded_header_blocks(marker: str) -> None:
     [
         "On " + "1 " * 500_000,
         "Am 1" + " schrieb x" * 100_000,
-        "El 1" + " escribió" * 100_000 + ":",
+        "El 1" + " escribió" * 112_000 + ":",
         "-" * 1_000_000,
         "_" * 1_000_000,
         "From:" + " " * 1_000_000,
         "support+" * 125_000 + "@desk.example",
-        # Many lines that each start like an attribution and end with its colon.
-        ("Am 1 schrieb x" * 25 + ":\n") * 2_800,
-        ("On 1 " + "x wrote " * 45 + "x:\n") * 2_700,
+        # Many lines that each start like an attribution and end with a colon, but are not one.
+        ("Am 1" + " schriebx" * 38 + ":\n") * 2_900,
+        ("Il 1 ha scritto x" * 7 + ":\n") * 8_300,
+        ("On 1 " + "x wrote " * 45 + "x:\n") * 2_800,
     ],
 )
 def test_strip_and_scrub_are_fast_on_hostile_text(text: str) -> None:
@@ -310,3 +312,17 @@ def test_corpus_reply_keeps_only_the_new_text(path: Path) -> None:
     assert "support+" not in stripped
     assert topic not in stripped
     assert scrub_reply_addresses(mail.text, DESK).count("support+") == 0
+
+
+@pytest.mark.parametrize(
+    "path", [path for path in CORPUS if b"text/html" in path.read_bytes()], ids=lambda p: p.stem
+)
+def test_corpus_html_alternative_gives_the_same_cut(path: Path) -> None:
+    # An HTML-only reply is read through html_to_text: its quote must go just as well.
+    mail = parse_mail(path.read_bytes())
+    assert mail.html is not None
+    stripped = strip_quoted_reply(html_to_text(mail.html))
+    first, last = NEW_TEXT[path.stem]
+    assert (stripped.splitlines()[0], stripped.splitlines()[-1]) == (first, last)
+    assert "support+" not in stripped
+    assert TOPICS[path.stem.rpartition("_")[2]] not in stripped
