@@ -105,8 +105,8 @@ def test_nobody_acts_as_an_agent_without_proof(
     # The real agent hears of the mails in their name; the customer hears nothing.
     notices = smtp_server.wait_for(count=len(attempts), timeout=30,
                                    predicate=lambda m: m.rcpt_tos == [AGENT])
-    assert all("not acted on" in m.message["Subject"] or "pas été traité"
-               in m.message["Subject"] for m in notices)
+    # Alice is in the EU team, so she reads the desk's language.
+    assert {str(m.message["Subject"]) for m in notices} == {"Votre message n'a pas été traité"}
     assert not [m for m in smtp_server.mails if to_customer(m)]
 
     # The positive control: the same agent, authenticated, through their own address.
