@@ -35,7 +35,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     pipeline = Pipeline(
-        settings, engine, on_commit=lambda: loop.call_soon_threadsafe(wake.set)
+        settings, engine, on_commit=lambda: loop.call_soon_threadsafe(wake.set),
+        parse_in_worker=True,
     )
     sender = OutboxSender(settings, engine)
     tasks = [asyncio.create_task(sender.run(stop, wake), name="send")]
@@ -74,9 +75,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
                 log.error("stage failed", stage=task.get_name(), error=repr(task.exception()))
     finally:
         stop.set()
+        # A mail being parsed is not waited for: its sender keeps it (451, or it stays in the
+        # IMAP folder) and it is parsed again after the restart.
+        pipeline.stop_parsing()
         if listener is not None:
             await listener.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+        pipeline.close()
         engine.dispose()
         log.info("stopped")
     return not failed

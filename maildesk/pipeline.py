@@ -22,6 +22,7 @@ from maildesk.mail.limits import ParseLimits
 from maildesk.mail.message import Delivery, Outcome, ParsedMail, StoreUnavailable
 from maildesk.mail.parse import MalformedMail, parse_mail
 from maildesk.mail.quotes import scrub_reply_addresses, strip_quoted_reply
+from maildesk.mail.worker import ParseWorker, WorkerStopped
 from maildesk.notices import Notices
 from maildesk.outbound.notify import Notifier
 from maildesk.rules import classify, route
@@ -51,7 +52,10 @@ def _is_temporary(exc: Exception) -> bool:
     """Whether the sender should try again later rather than have the mail quarantined."""
     # A system error carries an errno (disk full, permission denied); other OSError
     # subclasses, such as jinja2's TemplateNotFound, are bugs in the installation.
-    return isinstance(exc, _UNAVAILABLE) or (isinstance(exc, OSError) and exc.errno is not None)
+    # A parser stopped for shutdown has not judged the mail: it is taken again after restart.
+    return isinstance(exc, (*_UNAVAILABLE, WorkerStopped)) or (
+        isinstance(exc, OSError) and exc.errno is not None
+    )
 
 
 class Pipeline:
@@ -63,6 +67,7 @@ class Pipeline:
         engine: sa.Engine,
         *,
         on_commit: Callable[[], object] | None = None,
+        parse_in_worker: bool = False,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -74,12 +79,33 @@ class Pipeline:
             max_mail_bytes=limits.max_mail_bytes, max_parts=limits.max_parts,
             max_depth=limits.max_depth, max_header_bytes=limits.max_header_bytes,
         )
+        # The daemon parses in a child process with a CPU budget, so that no mail can hold it
+        # for long, memory goes back after a big mail and SIGTERM is never kept waiting; the
+        # CLI and the tests parse in process.
+        self.parser = (
+            # A child is replaced after 16 MiB of mail, so the memory of a big one goes back.
+            ParseWorker(cpu_seconds=limits.parse_seconds, limits=self.parse_limits,
+                        recycle_after_bytes=16 * 2**20)
+            if parse_in_worker else None
+        )
         # Called after each commit that may have queued mail, to wake the sender.
         self.on_commit: Callable[[], object] = on_commit or (lambda: None)
 
     def parse(self, raw: bytes) -> ParsedMail:
         """Parse one raw mail within the configured bounds (MalformedMail when it breaks one)."""
+        if self.parser is not None:
+            return self.parser.parse(raw)
         return parse_mail(raw, self.parse_limits)
+
+    def stop_parsing(self) -> None:
+        """Stop the parse worker at once (a parse under way raises WorkerStopped)."""
+        if self.parser is not None:
+            self.parser.stop()
+
+    def close(self) -> None:
+        """Release the parse worker's child processes."""
+        if self.parser is not None:
+            self.parser.close()
 
     def stored_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> set[int]:
         """Which of these IMAP UIDs were stored already: the fetcher's checkpoint."""
