@@ -45,7 +45,7 @@ class Notices:
         limits = self.settings.limits
         counts = lookup.automatic_counts(
             session, key=mailbox_key(address), account_id=account_id, now=now,
-            breaker_minutes=limits.breaker_minutes,
+            breaker_minutes=limits.breaker_minutes, to_stranger=to_stranger,
         )
         refusal = automatic_refusal(counts, limits, to_stranger=to_stranger)
         if refusal is None:
@@ -138,9 +138,12 @@ class Notices:
         ids = list(bounce.original_message_ids)
         if not ids:
             return None
-        return session.exec(
-            select(Outbox).where(col(Outbox.message_id).in_(ids)).order_by(col(Outbox.id))
-        ).first()
+        sent_by_id = {
+            row.message_id: row
+            for row in session.exec(select(Outbox).where(col(Outbox.message_id).in_(ids)))
+        }
+        # The bounce lists the failed mail's ids best first; the first that we sent wins.
+        return next((sent_by_id[mid] for mid in ids if mid in sent_by_id), None)
 
     def _tell_agents(
         self, session: Session, ticket_id: int, recipient: str, status: str, diagnostic: str

@@ -33,9 +33,9 @@ def bounce_of(sample: str, sent: Outbox, *, by_verp: bool) -> bytes:
     raw = raw.replace(b"paul.leroy@client.example", CUSTOMER.encode())
     raw = raw.replace(b"<176489721201.12345.4242424242424242424.maildesk@desk.example>",
                       sent.message_id.encode())
-    token = b"3f9a1c2e7b4d8a60" if by_verp else b"0000000000000000"
-    assert token in raw or not by_verp
-    return raw.replace(b"3f9a1c2e7b4d8a60", (sent.verp or "").encode() if by_verp else token)
+    # Matched by its VERP token, or, with a token that names nothing, by its Message-ID alone.
+    token = (sent.verp or "").encode() if by_verp else b"0000000000000000"
+    return raw.replace(b"3f9a1c2e7b4d8a60", token)
 
 
 @pytest.mark.parametrize("by_verp", [True, False])

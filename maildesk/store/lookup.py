@@ -70,7 +70,8 @@ def thread_facts(
 
 
 def automatic_counts(
-    session: Session, *, key: str, account_id: int | None, now: datetime, breaker_minutes: int
+    session: Session, *, key: str, account_id: int | None, now: datetime, breaker_minutes: int,
+    to_stranger: bool = False,
 ) -> AutomaticCounts:
     """The counts that the limits on automatic mail decide over, for one recipient."""
     to_mailbox = session.exec(
@@ -87,9 +88,12 @@ def automatic_counts(
                 Ticket.created_at > now - timedelta(minutes=breaker_minutes),
             )
         ).one()
-    strangers = session.exec(
-        select(func.count()).select_from(Outbox).where(
-            Outbox.kind == "unknown_sender", Outbox.created_at > now - timedelta(hours=1)
-        )
-    ).one()
+    # The global cap on answers to strangers is counted only for an answer to a stranger.
+    strangers = 0
+    if to_stranger:
+        strangers = session.exec(
+            select(func.count()).select_from(Outbox).where(
+                Outbox.kind == "unknown_sender", Outbox.created_at > now - timedelta(hours=1)
+            )
+        ).one()
     return AutomaticCounts(int(to_mailbox), int(tickets), int(strangers))
