@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from maildesk.cli import tickets as cli_tickets
+from maildesk.cli.errors import CommandError
 from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import ConfigError, Settings, config_path, load_settings
 from maildesk.logs import configure_logging
@@ -29,9 +31,10 @@ EXIT_USAGE = 2
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
-
-class CommandError(Exception):
-    """A command that failed in a way the user can act on."""
+# Modules of `maildesk.cli` that add their own commands: each has `add_parsers(command)`, where
+# `command(name, help_text, handler)` returns the new subcommand's parser.
+COMMAND_MODULES = ("ticket_actions", "check", "outbox", "privacy", "audit", "retention",
+                   "service")
 
 
 def _actor() -> str:
@@ -364,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         },
         parse_when=_parse_when,
         quickstart_settings=_quickstart_settings,
+        extra=[importlib.import_module(f"maildesk.cli.{name}").add_parsers
+               for name in COMMAND_MODULES],
     )
 
 
@@ -398,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(terminal_safe(exc), file=sys.stderr)
         return EXIT_USAGE
-    except (DirectoryError, StoreError, CommandError, cli_tickets.NotFound) as exc:
+    except (DirectoryError, StoreError, CommandError) as exc:
         return _fail(str(exc), EXIT_FAILED)
     except sa.exc.OperationalError as exc:
         return _fail(f"the database is unavailable: {exc.orig}", EXIT_FAILED)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -21,8 +21,11 @@ def build(
     *,
     parse_when: Callable[[str], datetime],
     quickstart_settings: Callable[[argparse.Namespace], Any],
+    extra: Sequence[Callable[[Any], None]] = (),
 ) -> argparse.ArgumentParser:
-    """Build the parser; `handlers` maps "group command" names to their functions."""
+    """Build the parser; `handlers` maps "group command" names to their functions, and each of
+    `extra` adds more commands by calling `command(name, help_text, handler)`.
+    """
     parser = argparse.ArgumentParser(
         prog="maildesk",
         description="An email-driven customer support desk.",
@@ -36,7 +39,9 @@ def build(
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     groups: dict[str, Any] = {}
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_text: str, handler: Handler | None = None
+    ) -> argparse.ArgumentParser:
         group_name, _, leaf = name.partition(" ")
         if not leaf:
             sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -46,7 +51,7 @@ def build(
                 groups[group_name] = group.add_subparsers(title="commands", metavar="COMMAND")
                 group.set_defaults(handler=None)
             sub = groups[group_name].add_parser(leaf, help=help_text, description=help_text)
-        sub.set_defaults(handler=handlers[name])
+        sub.set_defaults(handler=handler or handlers[name])
         return sub
 
     command("run", "run the daemon until SIGTERM or SIGINT")
@@ -118,5 +123,7 @@ def build(
     from maildesk.cli.tickets import add_parsers
 
     add_parsers(command)
+    for add_more in extra:
+        add_more(command)
 
     return parser

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
+from maildesk.cli.errors import NotFound
 from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import Settings
 from maildesk.store import database
@@ -35,10 +36,6 @@ MAX_HEADER_FIELDS = 500
 _DISPLAY_POLICY = policy.default.clone(
     header_factory=HeaderRegistry(default_class=UnstructuredHeader, use_default_map=False)
 )
-
-
-class NotFound(Exception):
-    """The ticket or quarantined mail asked for does not exist."""
 
 
 @contextmanager
