@@ -37,6 +37,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# An InboundMail's state from intake until the runner has filed it.
+RECEIVED = "received"
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware, in UTC."""
     return datetime.now(UTC)
@@ -118,12 +122,24 @@ class InboundMail(SQLModel, table=True):
     uid: int | None = Field(default=None, sa_type=sa.BigInteger)
     message_id: str | None = Field(default=None, max_length=998, index=True)
     envelope_from: str | None = Field(default=None, max_length=320)
-    outcome: str = Field(default="pending", max_length=20, index=True)
+    # The envelope recipients the listener accepted (a JSON list), which name reply addresses
+    # that a mail's own headers may not show.
+    recipients: str | None = None
+    # The size the IMAP server declared for a mail over the limit: only its header was taken.
+    oversize: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # "received" until the intake runner files it; then what became of it.
+    outcome: str = Field(default=RECEIVED, max_length=20, index=True)
     reason: str | None = None
-    attempts: int = 0
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id")
     received_at: datetime = _created()
     processed_at: datetime | None = _when(nullable=True)
+    # The queue discipline (store/queue.py): who holds the mail and until when, by the database's
+    # clock; claims so far without an outcome (a crash counts), and the last error.
+    claimed_by: str | None = Field(default=None, max_length=100)
+    lease_until: datetime | None = _when(nullable=True)
+    attempts: int = 0
+    next_attempt_at: datetime | None = _when(nullable=True)
+    last_error: str | None = None
 
 
 class Message(SQLModel, table=True):
@@ -182,6 +198,9 @@ class Outbox(SQLModel, table=True):
     # The token of the VERP return path, support+bounce-<verp>@domain, that names this mail in
     # a bounce.
     verp: str | None = Field(default=None, max_length=64, unique=True)
+    # The queue discipline (store/queue.py): the sender that holds the row and until when.
+    claimed_by: str | None = Field(default=None, max_length=100)
+    lease_until: datetime | None = _when(nullable=True)
 
 
 class AuditEvent(SQLModel, table=True):
