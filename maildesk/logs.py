@@ -1,4 +1,5 @@
-"""Logging: structlog, JSON lines when not on a terminal, the console renderer on one.
+"""Logging: structlog, JSON lines or the console renderer ([log] format; by default
+JSON when not on a terminal, the console renderer on one).
 
 Log lines carry ids and outcomes, never a password and never a message body: the processor
 below drops any key that looks like a secret, as a last guard against a careless call.
@@ -47,10 +48,14 @@ def _drop_tokens(
     return event
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
-    """Set up structlog for the process; JSON unless stdout is a terminal."""
+def configure_logging(
+    level: str = "info", *, json: bool | None = None, log_format: str | None = None
+) -> None:
+    """Set up structlog for the process: `log_format` ("json" or "console", [log] format),
+    else JSON unless stdout is a terminal.
+    """
     if json is None:
-        json = not sys.stdout.isatty()
+        json = log_format == "json" if log_format else not sys.stdout.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )

@@ -118,3 +118,38 @@ def test_an_unreadable_secret_file_is_named(tmp_path: Path) -> None:
 def test_parse_settings_does_not_change_the_defaults() -> None:
     first = parse_settings({}, "x", Path("/"))
     assert first == Settings()
+
+
+def test_log_format_is_json_console_or_unset(tmp_path: Path) -> None:
+    assert parse('[log]\nformat = "console"\n', tmp_path).log.format == "console"
+    assert parse('[log]\nformat = "json"\n', tmp_path).log.format == "json"
+    assert parse("[log]\n", tmp_path).log.format is None
+    assert error_of('[log]\nformat = "xml"\n', tmp_path) == (
+        'config.toml: [log] format: expected one of "json" or "console", got "xml"'
+    )
+
+
+def test_a_secret_file_under_percent_d_comes_from_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "smtp-password").write_text("from-systemd\n")
+    (tmp_path / "smtp-password").write_text("beside-the-config\n")
+    text = '[smtp]\nusername = "desk"\npassword_file = "%d/smtp-password"\n'
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    assert parse(text, tmp_path).smtp.password.get_secret_value() == "from-systemd"  # type: ignore[union-attr]
+    # Run by hand, without systemd's variable: the config file's directory.
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    assert parse(text, tmp_path).smtp.password.get_secret_value() == "beside-the-config"  # type: ignore[union-attr]
+
+
+def test_a_missing_credential_names_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "none"))
+    message = error_of('[security]\nreply_key_file = "%d/reply-key"\n', tmp_path)
+    assert message == (
+        f"config.toml: [security] reply_key_file: cannot read {tmp_path / 'none' / 'reply-key'}: "
+        "No such file or directory"
+    )

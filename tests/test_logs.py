@@ -30,3 +30,21 @@ def test_tokens_are_redacted_wherever_they_appear(capsys: pytest.CaptureFixture[
 
 def test_other_plus_addresses_are_left_alone() -> None:
     assert redact_tokens("claire+support@client.example") == "claire+support@client.example"
+
+
+@pytest.mark.parametrize(("log_format", "is_json"), [("json", True), ("console", False),
+                                                      (None, True)])
+def test_log_format_chooses_the_renderer(
+    log_format: str | None, is_json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Under pytest stdout is no terminal, so unset means JSON.
+    configure_logging("info", log_format=log_format)
+    get_logger("test").info("mail processed", outcome="ticket", password="hunter2")
+    line = capsys.readouterr().out.strip()
+    if is_json:
+        assert json.loads(line)["outcome"] == "ticket"
+    else:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(line)
+        assert "mail processed" in line and "outcome" in line and "ticket" in line
+    assert "hunter2" not in line

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import importlib
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
@@ -256,10 +257,17 @@ def cmd_accounts_list(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one account."""
 
+    from maildesk.privacy.access import operator, record_read
+
     def work(session: Session) -> int:
         account = directory.get_account(session, args.email)
         company = session.get(directory.Company, account.company_id)
         view = _account_view(account, company)
+        # The read is logged in the same transaction, before anything is shown.
+        record_read(session, actor=operator(getattr(args, "as_agent", None),
+                                            getattr(args, "actor", None)),
+                    account_id=account.id, what="account")
+        session.commit()
         if args.json:
             print_json(view)
         else:
@@ -372,10 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int, config: str | None = None) -> int:
+    # A hint such as "run `maildesk db upgrade` first" names the config it was given, so that
+    # it can be pasted as it is.
+    if config is not None:
+        message = message.replace("`maildesk ", f"`maildesk --config {shlex.quote(config)} ")
     # Messages quote what they refused, such as a cell of a customer's CSV file.
     print(f"maildesk: error: {terminal_safe(message)}", file=sys.stderr)
     return code
+
+
+def _refuse_missing_database(args: argparse.Namespace, settings: Settings) -> None:
+    """Refuse a command on a SQLite file that does not exist, rather than create it empty."""
+    if args.handler is cmd_db_upgrade or getattr(args, "database_may_be_missing", False):
+        return
+    missing = database.missing_database(settings.store_url)
+    if missing is not None:
+        raise StoreError(
+            f"the database {missing} does not exist; run `maildesk db upgrade` first"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,15 +420,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, "embedded_settings", None)
             else load_settings(config_path(args.config))
         )
-        configure_logging(settings.log.level)
+        configure_logging(settings.log.level, log_format=settings.log.format)
+        if not getattr(args, "embedded_settings", None):
+            _refuse_missing_database(args, settings)
         args.actor = _actor()
         return handler(args, settings)
     except ConfigError as exc:
         print(terminal_safe(exc), file=sys.stderr)
         return EXIT_USAGE
     except (DirectoryError, StoreError, CommandError) as exc:
-        return _fail(str(exc), EXIT_FAILED)
+        return _fail(str(exc), EXIT_FAILED, args.config)
     except sa.exc.OperationalError as exc:
-        return _fail(f"the database is unavailable: {exc.orig}", EXIT_FAILED)
+        return _fail(f"the database is unavailable: {exc.orig}", EXIT_FAILED, args.config)
     except KeyboardInterrupt:
         return 130

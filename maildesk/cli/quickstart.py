@@ -5,6 +5,8 @@ Demo data are created only by this explicit command, never by `maildesk run` on 
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 from maildesk.config import DeskSettings, Settings
@@ -26,8 +28,50 @@ def quickstart_settings(state_dir: Path, port: int) -> Settings:
     )
 
 
+def demo_config_path(settings: Settings) -> Path:
+    """The config file that the quickstart writes into its demo directory."""
+    return settings.desk.state_dir / "config.toml"
+
+
+def write_demo_config(settings: Settings) -> Path:
+    """Write the demo's settings where the other commands can read them with --config."""
+    path = demo_config_path(settings)
+    # state_dir "." is the config file's own directory: the demo directory can move.
+    text = (
+        "# Written by `maildesk quickstart`: the demo desk's settings, for the other commands:\n"
+        f"#   {show_command(settings, 'tickets list')}\n"
+        "[desk]\n"
+        'state_dir = "."\n'
+        "[listener]\n"
+        f'host = "{settings.listener.host}"\n'
+        f"port = {settings.listener.port}\n"
+        "[smtp]\n"
+        'transport = "maildir"\n'
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)  # Never a half-written config, even if the quickstart is killed.
+    return path
+
+
+def show_command(settings: Settings, command: str) -> str:
+    """The command line that runs `command` on the demo desk, as one would type it here."""
+    path = demo_config_path(settings)
+    try:
+        shown = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(path)
+    # The program as it was called (.venv/bin/maildesk, say), so the line can be pasted.
+    program = sys.argv[0] if Path(sys.argv[0]).name == "maildesk" else "maildesk"
+    return shlex.join([program, "--config", shown, *command.split()])
+
+
 def seed_demo(settings: Settings) -> None:
-    """Create the schema and the demo people; running it again changes nothing."""
+    """Create the schema, the demo people and the demo's config file; running it again
+    changes nothing.
+    """
+    write_demo_config(settings)
     engine = database.make_engine(settings.store_url)
     try:
         database.upgrade(engine)
@@ -59,5 +103,7 @@ m["From"] = "{DEMO_CUSTOMER[0]}"; m["To"] = "{settings.desk.address}"; \\
 m["Subject"] = "Bonjour"; m.set_content("Mon export ne marche plus."); \\
 smtplib.SMTP("{host}", {port}).send_message(m)'
   then read the acknowledgement and the agent's copy in {settings.outgoing_maildir}/new/
+  and look at the demo desk's tickets:
+    {show_command(settings, "tickets list")}
   stop with Ctrl-C
 """

@@ -1,6 +1,7 @@
 """Transports: how a rendered mail leaves, over SMTP to a relay or into a local maildir.
 
-Both take the stored bytes as they are and never re-serialise them. Their failures are sorted
+SMTP sends the stored bytes as they are; the maildir, written for people and local tools, gets
+a copy whose text parts are 8-bit UTF-8 instead of quoted-printable. Their failures are sorted
 into temporary ones, which a later attempt may overcome, and permanent ones.
 """
 
@@ -10,6 +11,7 @@ import mailbox
 import smtplib
 import ssl
 from collections.abc import Callable
+from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +111,56 @@ class SmtpTransport:
             self._client = None
 
 
+# Longer lines do not fit in 8bit (RFC 5322's limit); such a part keeps its encoding.
+_MAX_8BIT_LINE = 998
+
+
+def readable_copy(raw: bytes) -> bytes:
+    """The mail with its inline text parts in 8-bit UTF-8, readable with `cat`; else `raw`.
+
+    Headers are kept, and so is every other part; a part whose text cannot be decoded, or
+    whose lines are too long for 8bit, stays as it was.
+    """
+    linesep = "\r\n" if b"\r\n" in raw else "\n"
+    mail_policy = policy.default.clone(linesep=linesep)
+    message = message_from_bytes(raw, policy=mail_policy)
+    changed = False
+    for part in message.walk():
+        if (
+            part.is_multipart()
+            or part.get_content_maintype() != "text"
+            or part.get_content_disposition() == "attachment"
+            or part.get("Content-Transfer-Encoding", "7bit").lower() in ("7bit", "8bit")
+        ):
+            continue
+        try:
+            text = part.get_content()
+        except (LookupError, ValueError):
+            continue  # An unknown charset, say: left as it is.
+        if any(len(line.encode("utf-8")) > _MAX_8BIT_LINE for line in text.splitlines()):
+            continue
+        # set_content replaces the Content-* headers, so the ones worth keeping are passed on.
+        params = {
+            name: value for name, value in (part.get_params(header="content-type") or [])[1:]
+            if name.lower() != "charset"
+        }  # fmt: skip
+        part.set_content(
+            text, subtype=part.get_content_subtype(), charset="utf-8", cte="8bit",
+            disposition=part.get_content_disposition(), filename=part.get_filename(),
+            cid=part.get("Content-ID"), params=params,
+        )  # fmt: skip
+        if part is not message:
+            del part["MIME-Version"]  # Which set_content adds, but belongs to the top only.
+        changed = True
+    return message.as_bytes() if changed else raw
+
+
 class MaildirTransport:
-    """Mails dropped into a maildir, for a local MTA or a test to pick up."""
+    """Mails dropped into a maildir, for a local MTA or a test to pick up.
+
+    Its text parts are written as 8-bit UTF-8, so that a person can read the files; the SMTP
+    transport sends the stored bytes as they are.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -124,8 +174,8 @@ class MaildirTransport:
                     (self._path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._box = mailbox.Maildir(self._path, create=True)
             # Maildir writes into tmp/ and then renames into new/, so no reader ever sees a
-            # half-written file; bytes are written as they are, line endings included.
-            self._box.add(raw)
+            # half-written file; line endings are kept as they are.
+            self._box.add(readable_copy(raw))
         except OSError as exc:
             raise TemporaryFailure(f"maildir: {describe(exc)}") from None
         return {}

@@ -52,6 +52,20 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
+def missing_database(url: str) -> Path | None:
+    """The SQLite file that `url` names when it does not exist yet, else None.
+
+    Opening such a URL would create an empty file (and its directory), so commands other than
+    `db upgrade` look first and refuse instead.
+    """
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+    if str(path) in ("", ":memory:") or path.exists():
+        return None
+    return path
+
+
 @contextmanager
 def session_scope(engine: sa.Engine) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error."""

@@ -48,10 +48,13 @@ def test_the_config_path_comes_from_the_environment(tmp_path: Path) -> None:
 def test_commands_refuse_an_out_of_date_schema(tmp_path: Path) -> None:
     desk = Desk(tmp_path, tmp_path / "config.toml")
     desk.write_config(base_config(tmp_path / "state", f"sqlite:///{tmp_path}/db.sqlite3"))
+    hint = f"run `maildesk --config {desk.config} db upgrade` first"
     for command in (["run"], ["companies", "list"]):
         result = desk.cli(*command)
         assert result.code == 1
-        assert "run `maildesk db upgrade` first" in result.err
+        assert hint in result.err
+        # Nothing was created: the hint is the whole of what happened.
+        assert not (tmp_path / "db.sqlite3").exists()
     assert desk.cli("db", "upgrade").code == 0
     assert desk.cli("db", "status").code == 0
 

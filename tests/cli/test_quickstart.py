@@ -12,9 +12,16 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 
+import pytest
 from rig.dovecot import free_port
 
-from maildesk.cli.quickstart import DEMO_AGENT, DEMO_CUSTOMER
+from maildesk.cli.quickstart import (
+    DEMO_AGENT,
+    DEMO_CUSTOMER,
+    quickstart_settings,
+    write_demo_config,
+)
+from maildesk.config import load_settings
 
 
 def test_quickstart_answers_a_mail_into_the_local_maildir(tmp_path: Path) -> None:
@@ -62,3 +69,15 @@ def test_run_never_creates_demo_data(tmp_path: Path) -> None:
     assert subprocess.run([*run, "db", "upgrade"], capture_output=True).returncode == 0
     listed = subprocess.run([*run, "accounts", "list", "--json"], capture_output=True, text=True)
     assert json.loads(listed.stdout) == []
+
+
+def test_the_demo_config_reads_back_as_the_quickstart_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = quickstart_settings(Path("maildesk-demo"), 2600)
+    path = write_demo_config(settings)
+    assert path == tmp_path / "maildesk-demo" / "config.toml"
+    assert load_settings(path) == settings
+    # Its first lines say how to use it, relative to where the quickstart was started.
+    assert "--config maildesk-demo/config.toml tickets list" in path.read_text()
