@@ -25,6 +25,8 @@ from pydantic import (
 
 DEFAULT_CONFIG_PATH = "config.toml"
 CONFIG_ENV_VAR = "MAILDESK_CONFIG"
+# A secret file's path may start with this, for systemd's credentials directory.
+CREDENTIALS_PLACEHOLDER = "%d"
 
 # Secrets may also come from the environment, so that systemd credentials or a container
 # orchestrator can hand them over without writing them into the config file.
@@ -122,6 +124,12 @@ class SmtpSettings(_Section):
     password: SecretStr | None = None
     password_file: FilePath | None = None
     maildir: FilePath | None = None
+    # A mail that could not be delivered for this long is given up on (and its ticket says so);
+    # until then every temporary failure is retried, whatever their number.
+    give_up_days: Annotated[float, Field(gt=0, strict=False)] = 5.0
+    # The first retry's wait after a temporary failure, doubling up to retry_most_seconds.
+    retry_first_seconds: Annotated[float, Field(gt=0, strict=False)] = 60.0
+    retry_most_seconds: Annotated[float, Field(gt=0, strict=False)] = 3600.0
 
 
 class PrivacySettings(_Section):
@@ -132,6 +140,10 @@ class PrivacySettings(_Section):
     dpo_email: str = "dpo@neocasesoftware.com"
     notice_url: str = ""
     retention_years: Annotated[int, Field(ge=1, le=100)] = 5
+    # Mail from strangers (no account), held on no ticket, is erased after this many days.
+    quarantine_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    # Audit events are kept this many days (the CNIL recommends a year for such logs).
+    audit_days: Annotated[int, Field(ge=1, le=36500)] = 365
     authority: str = "CNIL"
     authority_url: str = "https://www.cnil.fr/fr/plaintes"
     us_entity: str = "Neocase Software Inc., near Boston, United States"
@@ -196,6 +208,8 @@ class LogSettings(_Section):
     """[log]: how much to say."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Unset: the console renderer on a terminal, JSON lines otherwise (journald, a pipe, a file).
+    format: Literal["json", "console"] | None = None
 
 
 class Settings(_Section):
@@ -298,8 +312,21 @@ def _explain(error: Any) -> str:
     return f"{_where(loc)}: {error['msg']}"
 
 
+def _secret_path(path: Path, base: Path) -> Path:
+    """A secret file's path, with a leading `%d` for the credentials directory.
+
+    `%d` is systemd's name for $CREDENTIALS_DIRECTORY, where LoadCredential= puts the secrets of
+    a service. A command run by hand has none, and `%d` is then the config file's directory,
+    where the credentials' source files are kept (`/etc/maildesk/imap-password`, say).
+    """
+    if path.parts and path.parts[0] == CREDENTIALS_PLACEHOLDER:
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        return Path(credentials or base).joinpath(*path.parts[1:])
+    return path if path.is_absolute() else base / path
+
+
 def _read_secret_file(path: Path, where: str, base: Path) -> str:
-    full = path if path.is_absolute() else base / path
+    full = _secret_path(path, base)
     try:
         return full.read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -1,8 +1,9 @@
 """The daemon: start the stage tasks, stop them cleanly on SIGTERM or SIGINT.
 
-Intake (the IMAP fetcher, the SMTP/LMTP listener) hands each mail to the pipeline, which commits
-it with its notifications in the outbox and wakes the sender. On a stop signal the listener
-closes first, so no new mail is accepted, then each stage finishes the mail in hand.
+Intake (the IMAP fetcher, the SMTP/LMTP listener) makes each mail durable and wakes the runner,
+which files it through the pipeline with its notifications in the outbox and wakes the sender.
+On a stop signal the listener closes first, so no new mail is accepted, then each stage
+finishes the mail in hand.
 """
 
 from __future__ import annotations
@@ -10,22 +11,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
+from datetime import timedelta
 
 from maildesk.config import Settings
 from maildesk.ingress.fetch import ImapFetcher
-from maildesk.ingress.listen import Listener
+from maildesk.ingress.group_commit import GroupCommit
+from maildesk.ingress.listen import Listener, ListenerError
 from maildesk.logs import get_logger
+from maildesk.mail.message import Delivery
+from maildesk.ops import sdnotify
+from maildesk.ops.messages import TRUST_WARNING
 from maildesk.outbound.send import OutboxSender
 from maildesk.pipeline import Pipeline
 from maildesk.store import database
+from maildesk.store.intake import Accepted, Arrival, IntakeStore
 
 log = get_logger("daemon")
-
-# Said once at start-up (and by `maildesk check`) when no MTA's verdicts are trusted.
-TRUST_WARNING = (
-    "no [security] trusted_authserv_id: agent actions rest on the signed reply address alone, "
-    "and no sender's From is checked against SPF, DKIM or DMARC"
-)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> bool:
@@ -33,23 +35,39 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     engine = database.make_engine(settings.store_url)
     database.check_schema(engine)
     loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-    pipeline = Pipeline(
-        settings, engine, on_commit=lambda: loop.call_soon_threadsafe(wake.set),
-        parse_in_worker=True,
+
+    def waker(event: asyncio.Event) -> Callable[[], object]:
+        return lambda: loop.call_soon_threadsafe(event.set)
+
+    # Stored mail wakes the runner; filed mail wakes the sender and the fetcher's moves.
+    stored, queued, filed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    pipeline = Pipeline(settings, engine, on_commit=waker(queued), parse_in_worker=True)
+    pipeline.runner.on_filed = waker(filed)
+    intake = IntakeStore(engine, settings.desk.state_dir, on_stored=waker(stored))
+    sender = OutboxSender(
+        settings, engine, owner=pipeline.runner.worker.owner,
+        retry_base=timedelta(seconds=settings.smtp.retry_first_seconds),
+        retry_most=timedelta(seconds=settings.smtp.retry_most_seconds),
+        on_give_up=pipeline.notices.mail_given_up,
     )
-    sender = OutboxSender(settings, engine)
-    tasks = [asyncio.create_task(sender.run(stop, wake), name="send")]
+    tasks = [
+        asyncio.create_task(sender.run(stop, queued), name="send"),
+        asyncio.create_task(pipeline.runner.run(stop, stored), name="runner"),
+    ]
     if settings.imap.enabled:
         fetcher = ImapFetcher(
-            settings.imap, pipeline.process, pipeline.stored_uids,
-            max_mail_bytes=settings.limits.max_mail_bytes,
-        )  # fmt: skip
+            settings.imap, intake, max_mail_bytes=settings.limits.max_mail_bytes, filed=filed
+        )
         tasks.append(asyncio.create_task(fetcher.run(stop), name="fetch"))
     listener: Listener | None = None
     if settings.listener.enabled:
+        group = GroupCommit(intake.store)
+
+        async def accept(raw: bytes, delivery: Delivery) -> Accepted:
+            return await group.submit(Arrival(raw, delivery))
+
         listener = Listener(
-            settings.listener, settings.desk.address, pipeline.process,
+            settings.listener, settings.desk.address, accept,
             max_mail_bytes=settings.limits.max_mail_bytes,
         )  # fmt: skip
         await listener.start()
@@ -61,6 +79,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
         listener=f"{settings.listener.host}:{listener.port}" if listener else None,
         transport=settings.smtp.transport,
     )
+    sdnotify.notify("READY=1")
+    tasks.append(asyncio.create_task(sdnotify.watchdog(stop), name="watchdog"))
     if not settings.security.trusted_authserv_id:
         log.warning(TRUST_WARNING)
     failed = False
@@ -74,6 +94,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
                 failed = True
                 log.error("stage failed", stage=task.get_name(), error=repr(task.exception()))
     finally:
+        sdnotify.notify("STOPPING=1")
         stop.set()
         # A mail being parsed is not waited for: its sender keeps it (451, or it stays in the
         # IMAP folder) and it is parsed again after the restart.
@@ -101,4 +122,9 @@ def run_daemon(settings: Settings) -> int:
             loop.add_signal_handler(signum, stop.set)
         return await serve(settings, stop)
 
-    return 0 if asyncio.run(main()) else 1
+    try:
+        return 0 if asyncio.run(main()) else 1
+    except ListenerError as exc:
+        # One line, as the CLI says its errors: a port in use is the operator's to fix.
+        print(f"maildesk: error: {exc}", file=sys.stderr)
+        return 1

@@ -125,6 +125,27 @@ class Notices:
         session.flush()
         return sent, f"bounce: {worst or 'no status'} for outgoing mail {sent.id}"
 
+    def mail_given_up(self, session: Session, outbox_id: int, reason: str) -> None:
+        """Record on its ticket that a mail will not be delivered, and tell the agents once."""
+        sent = session.get(Outbox, outbox_id)
+        if sent is None or sent.ticket_id is None:
+            return
+        try:
+            recipients = [str(r) for r in json.loads(sent.recipients)]
+        except (ValueError, TypeError):
+            recipients = []
+        session.add(AuditEvent(
+            actor="maildesk", action="mail.failed", ticket_id=sent.ticket_id,
+            detail=json.dumps({"outbox": sent.id, "kind": sent.kind, "recipients": recipients,
+                               "reason": reason[:300]}, ensure_ascii=False),
+        ))  # fmt: skip
+        # Only a mail meant for the customer is news for the agents; telling them that one of
+        # their own notifications failed would only fail again the same way.
+        if sent.kind in _CUSTOMER_KINDS:
+            code = reason.split(" ", 1)[0] if reason[:1].isdigit() else "gave up"
+            self._tell_agents(session, sent.ticket_id, ", ".join(recipients), code, reason)
+        session.flush()
+
     def _bounced_mail(
         self, session: Session, bounce: Bounce, recipients: list[str]
     ) -> Outbox | None:

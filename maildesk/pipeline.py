@@ -1,35 +1,36 @@
-"""The pipeline: one raw mail in, one committed transaction out.
+"""The pipeline: the decisions for one stored mail, and what follows from them.
 
-Both ingress stages (fetch for IMAP, listen for SMTP/LMTP) hand the raw bytes to
-`Pipeline.process`, which parses, classifies, routes, stores and enqueues notifications in one
-database transaction, and returns only after that transaction has committed.
+Ingress makes each mail durable (store/intake.py); the intake runner (runner.py) claims stored
+mails in batches, parses each with `Pipeline.parse`, and calls `Pipeline.file` for each in a
+savepoint of its batch's transaction: classify, route, store the ticket and its message, and
+enqueue the notifications in the outbox, so that they commit with the mail that caused them.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.mail.bounce import read_bounce
 from maildesk.mail.limits import ParseLimits
-from maildesk.mail.message import Delivery, Outcome, ParsedMail, StoreUnavailable
+from maildesk.mail.message import Delivery, Outcome, ParsedMail
 from maildesk.mail.parse import MalformedMail, parse_mail
 from maildesk.mail.quotes import scrub_reply_addresses, strip_quoted_reply
-from maildesk.mail.worker import ParseWorker, WorkerStopped
+from maildesk.mail.worker import ParseWorker
 from maildesk.notices import Notices
 from maildesk.outbound.notify import Notifier
 from maildesk.rules import classify, route
 from maildesk.rules.authentication import AuthVerdict, authenticate_from
+from maildesk.runner import IntakeRunner
 from maildesk.signing import ReplyToken, load_reply_keys
 from maildesk.store import database, directory, lookup
-from maildesk.store.files import read_raw, save_raw
+from maildesk.store.files import read_raw
 from maildesk.store.models import (
     Account,
     Agent,
@@ -42,20 +43,6 @@ from maildesk.store.models import (
 from maildesk.store.tickets import add_message, open_ticket
 
 log = get_logger("pipeline")
-
-# Failures after which the sender should simply try again: the database is down or busy, or
-# the disk is full. Anything else is a bug or a bad mail, and goes to quarantine.
-_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
-
-
-def _is_temporary(exc: Exception) -> bool:
-    """Whether the sender should try again later rather than have the mail quarantined."""
-    # A system error carries an errno (disk full, permission denied); other OSError
-    # subclasses, such as jinja2's TemplateNotFound, are bugs in the installation.
-    # A parser stopped for shutdown has not judged the mail: it is taken again after restart.
-    return isinstance(exc, (*_UNAVAILABLE, WorkerStopped)) or (
-        isinstance(exc, OSError) and exc.errno is not None
-    )
 
 
 class Pipeline:
@@ -90,6 +77,7 @@ class Pipeline:
         )
         # Called after each commit that may have queued mail, to wake the sender.
         self.on_commit: Callable[[], object] = on_commit or (lambda: None)
+        self.runner = IntakeRunner(self)
 
     def parse(self, raw: bytes) -> ParsedMail:
         """Parse one raw mail within the configured bounds (MalformedMail when it breaks one)."""
@@ -107,53 +95,9 @@ class Pipeline:
         if self.parser is not None:
             self.parser.close()
 
-    def stored_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> set[int]:
-        """Which of these IMAP UIDs were stored already: the fetcher's checkpoint."""
-        found: set[int] = set()
-        try:
-            with Session(self.engine) as session:
-                # Chunks keep the IN list within every database's limits on parameters.
-                for start in range(0, len(uids), 500):
-                    chunk = uids[start : start + 500]
-                    query = select(InboundMail.uid).where(
-                        InboundMail.mailbox == mailbox,
-                        InboundMail.uidvalidity == uidvalidity,
-                        col(InboundMail.uid).in_(chunk),
-                    )
-                    found.update(uid for uid in session.exec(query) if uid is not None)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return found
-
     def process(self, raw: bytes, delivery: Delivery) -> Outcome:
-        """File one raw mail; returns only after its transaction has committed."""
-        started = time.monotonic()
-        try:
-            try:
-                outcome = self._process(raw, delivery)
-            except sa.exc.IntegrityError:
-                # Another delivery of the same bytes committed first; this one is its
-                # duplicate, which the second pass finds and reports.
-                outcome = self._process(raw, delivery)
-        except Exception as exc:
-            if _is_temporary(exc):
-                log.warning("store unavailable", source=delivery.source, error=str(exc))
-                raise StoreUnavailable(str(exc)) from exc
-            # The error boundary: a bug on one mail must not stop the desk. The mail is kept
-            # in quarantine with the reason, for a person to look at, and the next one goes on.
-            log.exception("mail failed", source=delivery.source, uid=delivery.uid)
-            outcome = self._quarantine_after_error(raw, delivery, exc)
-        self.on_commit()
-        log.info(
-            "mail processed",
-            source=delivery.source,
-            inbound=outcome.inbound_id,
-            outcome=outcome.outcome,
-            ticket=outcome.ticket_id,
-            reason=outcome.reason,
-            ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        return outcome
+        """Store and file one mail at once (the CLI and the tests; the daemon queues instead)."""
+        return self.runner.process(raw, delivery)
 
     def release(self, inbound_id: int, *, actor: str) -> Outcome:
         """File a quarantined mail again, for example after its sender got an account."""
@@ -163,8 +107,7 @@ class Pipeline:
                 raise ValueError(f"no quarantined mail with id {inbound_id}")
             raw = read_raw(self.settings.desk.state_dir, inbound.raw_path)
             delivery = Delivery(source=inbound.source, envelope_from=inbound.envelope_from)
-            inbound.attempts += 1
-            outcome = self._file(session, inbound, raw, delivery, released=True)
+            outcome = self.file(session, inbound, raw, delivery, None, released=True)
             session.add(AuditEvent(
                 actor=actor, action="quarantine.release", ticket_id=outcome.ticket_id,
                 detail=json.dumps({"inbound": inbound_id, "outcome": outcome.outcome}),
@@ -172,48 +115,29 @@ class Pipeline:
         self.on_commit()
         return outcome
 
-    def _process(self, raw: bytes, delivery: Delivery) -> Outcome:
-        digest, raw_path = save_raw(self.settings.desk.state_dir, raw)
-        with database.session_scope(self.engine) as session:
-            # The same bytes twice are one mail: an MTA that lost our 250, or a crash between
-            # the commit and the IMAP move. Filing it again would double the ticket.
-            earlier = session.exec(
-                select(InboundMail).where(InboundMail.sha256 == digest).limit(1)
-            ).first()
-            if earlier is not None:
-                return Outcome(earlier.id, "duplicate", earlier.ticket_id, earlier.outcome)  # type: ignore[arg-type]
-            inbound = InboundMail(
-                source=delivery.source,
-                raw_path=raw_path,
-                sha256=digest,
-                size=len(raw),
-                mailbox=delivery.mailbox,
-                uidvalidity=delivery.uidvalidity,
-                uid=delivery.uid,
-                envelope_from=(delivery.envelope_from or "")[:320] or None,
-                attempts=1,
-            )
-            # The row is added only when the first write is due (see _persist): SQLite takes
-            # its write lock at the first INSERT, and parsing and routing need none.
-            return self._file(session, inbound, raw, delivery, released=False)
-
-    def _file(
+    def file(
         self,
         session: Session,
         inbound: InboundMail,
         raw: bytes,
         delivery: Delivery,
+        parsed: ParsedMail | MalformedMail | None,
         *,
-        released: bool,
+        released: bool = False,
     ) -> Outcome:
+        """Decide for one stored mail and write what follows (ticket, message, outbox rows)."""
         now = utcnow()
         desk = self.settings.desk
         if delivery.oversize is not None:
             return self._oversized(session, inbound, raw, delivery.oversize, now)
-        try:
-            mail = self.parse(raw)
-        except MalformedMail as exc:
-            return _finish(session, inbound, "quarantined", reason=f"malformed: {exc.reason}")
+        if parsed is None:
+            try:
+                parsed = self.parse(raw)
+            except MalformedMail as exc:
+                parsed = exc
+        if isinstance(parsed, MalformedMail):
+            return _finish(session, inbound, "quarantined", reason=f"malformed: {parsed.reason}")
+        mail = parsed
         inbound.message_id = (mail.message_id or "")[:998] or None
         if mail.from_address.lower() == desk.address:
             return _finish(session, inbound, "ignored", reason="sent by the desk itself")
@@ -379,22 +303,6 @@ class Pipeline:
             if account is not None:
                 self.notices.too_large(session, account, size=size, now=now)
         return _finish(session, inbound, "quarantined", reason=reason)
-
-    def _quarantine_after_error(self, raw: bytes, delivery: Delivery, exc: Exception) -> Outcome:
-        digest, raw_path = save_raw(self.settings.desk.state_dir, raw)
-        reason = f"internal error: {type(exc).__name__}"
-        try:
-            with database.session_scope(self.engine) as session:
-                inbound = InboundMail(
-                    source=delivery.source, raw_path=raw_path, sha256=digest, size=len(raw),
-                    mailbox=delivery.mailbox, uidvalidity=delivery.uidvalidity, uid=delivery.uid,
-                    envelope_from=(delivery.envelope_from or "")[:320] or None, attempts=1,
-                )
-                session.add(inbound)
-                session.flush()
-                return _finish(session, inbound, "quarantined", reason=reason)
-        except _UNAVAILABLE as unavailable:
-            raise StoreUnavailable(str(unavailable)) from unavailable
 
 
 def _persist(session: Session, inbound: InboundMail) -> None:

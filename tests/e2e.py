@@ -23,7 +23,7 @@ from rig.smtp import RecordingSMTPServer
 from sqlmodel import Session, select
 
 from maildesk.store import database, directory
-from maildesk.store.models import InboundMail, Message, Outbox, Ticket
+from maildesk.store.models import RECEIVED, InboundMail, Message, Outbox, Ticket
 
 DESK = "support@desk.example"
 CUSTOMER = "claire.dupont@client.example"
@@ -66,6 +66,7 @@ class RunningDesk:
 
     def start(self) -> None:
         """Start the daemon and wait for its "started" log line."""
+        before = sum(e.get("event") == "started" for e in self.log_events())
         self.process = subprocess.Popen(
             [sys.executable, "-m", "maildesk", "--config", str(self.config), "run"],
             stdout=self.log_path.open("ab"),
@@ -73,12 +74,18 @@ class RunningDesk:
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if any(e.get("event") == "started" for e in self.log_events()):
+            if sum(e.get("event") == "started" for e in self.log_events()) > before:
                 return
             if self.process.poll() is not None:
                 raise AssertionError(f"maildesk exited: {self.log_path.read_text()}")
             time.sleep(0.05)
         raise AssertionError(f"maildesk did not start: {self.log_path.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, as a crash or the OOM killer would, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
 
     def stop(self) -> int:
         """Stop the daemon with SIGTERM and return its exit code."""
@@ -89,7 +96,9 @@ class RunningDesk:
 
     def log_events(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
-        events = []
+        events: list[dict[str, Any]] = []
+        if not self.log_path.exists():
+            return events
         for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 events.append(json.loads(line))
@@ -107,7 +116,7 @@ class RunningDesk:
         while True:
             with self.session() as session:
                 rows = session.exec(
-                    select(InboundMail).where(InboundMail.outcome != "pending")
+                    select(InboundMail).where(InboundMail.outcome != RECEIVED)
                 ).all()
             if len(rows) >= count:
                 return list(rows)
@@ -145,6 +154,7 @@ def write_config(
     security: str = "",
     extra: str = "",
     desk_address: str = DESK,
+    smtp_extra: str = "",
 ) -> Path:
     """A config for the rig: IMAP to Dovecot (or off), the listener, SMTP to the rig server."""
     imap_section = (
@@ -160,6 +170,7 @@ def write_config(
         f"{imap_section}"
         f'[listener]\nenabled = true\nhost = "127.0.0.1"\nport = {listener_port}\n'
         f'[smtp]\ntransport = "smtp"\nhost = "{smtp.host}"\nport = {smtp.port}\ntls = "none"\n'
+        f"{smtp_extra}"
         '[privacy]\nnotice_url = "https://vendor.example/privacy"\n'
         '[security]\nreply_key = "test-reply-key"\n'
         f"{security}{extra}"
@@ -193,14 +204,17 @@ def running_desk(
     extra: str = "",
     listener_port: int | None = None,
     desk_address: str = DESK,
+    smtp_extra: str = "",
 ) -> Iterator[RunningDesk]:
     """A seeded desk whose daemon runs for the duration of the block.
 
-    `security` adds lines to the [security] section; `extra` adds sections at the end.
+    `security` adds lines to the [security] section, `smtp_extra` to [smtp]; `extra` adds
+    sections at the end.
     """
     port = listener_port or free_port()
     config = write_config(tmp_path, store_url, imap=imap, smtp=smtp, listener_port=port,
-                          security=security, extra=extra, desk_address=desk_address)
+                          security=security, extra=extra, desk_address=desk_address,
+                          smtp_extra=smtp_extra)
     engine = database.make_engine(store_url)
     database.upgrade(engine)
     seed(engine, after_hours=after_hours)

@@ -18,6 +18,7 @@ from maildesk.pipeline import Pipeline
 from maildesk.signing import principal_of_account, principal_of_agent, reply_address
 from maildesk.store import database, directory
 from maildesk.store.files import ATTACHMENTS_DIR, content_path
+from maildesk.store.intake import stored_uids
 from maildesk.store.models import Attachment, InboundMail, Message, Outbox, Ticket
 from maildesk.store.tickets import revoke_reply_addresses
 
@@ -39,8 +40,8 @@ def test_a_new_ticket_and_its_notifications_commit_together(
     assert [(o.kind, o.recipients) for o in rows(engine, Outbox)] == [
         ("acknowledgement", f'["{CUSTOMER}"]'), ("new_ticket", f'["{AGENT}"]'),
     ]
-    assert pipeline.stored_uids("INBOX", 7, [1, 2]) == {1}
-    assert pipeline.stored_uids("INBOX", 8, [1]) == set()
+    assert set(stored_uids(pipeline.engine, "INBOX", 7, [1, 2])) == {1}
+    assert stored_uids(pipeline.engine, "INBOX", 8, [1]) == {}
 
 
 def test_the_same_mail_twice_is_filed_once(pipeline: Pipeline, engine: sa.Engine) -> None:

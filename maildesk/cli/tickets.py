@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
 from maildesk.cli.errors import NotFound
+from maildesk.cli.outbox import delivery_problems
 from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import Settings
 from maildesk.store import database
@@ -143,6 +144,7 @@ def ticket_view(session: Session, ticket: Ticket, *, with_text: bool) -> dict[st
         "created_at": _iso(ticket.created_at),
         "updated_at": _iso(ticket.updated_at),
         "messages": thread,
+        "delivery_problems": delivery_problems(session, ticket.id) if ticket.id else [],
         "unreadable": unreadable,
     }
 
@@ -150,7 +152,8 @@ def ticket_view(session: Session, ticket: Ticket, *, with_text: bool) -> dict[st
 def _unreadable_ticket(ref: int, why: str) -> dict[str, Any]:
     names = ("subject", "status", "requester", "requester_name", "company", "created_at",
              "updated_at")
-    return {"ref": ref, **dict.fromkeys(names), "messages": [], "unreadable": {"row": why}}
+    return {"ref": ref, **dict.fromkeys(names), "messages": [], "delivery_problems": [],
+            "unreadable": {"row": why}}
 
 
 def _shown(view: dict[str, Any], key: str, *, or_row: bool = False) -> str:
@@ -192,6 +195,8 @@ def cmd_tickets_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one ticket and its thread."""
+    from maildesk.privacy.access import operator, record_read
+
     with _reading(settings) as session:
         ticket, why = _get(session, Ticket, args.ref)
         if why:
@@ -199,6 +204,11 @@ def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
         if ticket is None:
             raise NotFound(f"no ticket #{args.ref}")
         view = ticket_view(session, ticket, with_text=True)
+        # The read is logged, and committed, before anything is shown.
+        record_read(session, actor=operator(getattr(args, "as_agent", None),
+                                            getattr(args, "actor", None)),
+                    ticket_id=ticket.id, what="ticket")
+        session.commit()
     if args.json:
         print_json(view)
         return 0
@@ -217,6 +227,11 @@ def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
         for a in m["attachments"]:
             print(f"[attachment: {_shown(a, 'filename', or_row=True)} "
                   f"({safe(a['content_type'])}, {safe(a['size'])} bytes)]")
+    for problem in view["delivery_problems"]:
+        # A mail that never reached its recipient: which one, to whom, and why.
+        print(f"\n!!! {safe(problem['at'])} {safe(problem['action'])}: outgoing mail "
+              f"{safe(problem['outbox'])} ({safe(problem['kind'])}) to "
+              f"{safe(', '.join(problem['recipients']))}: {safe(problem['reason'])}")
     return 0
 
 

@@ -14,164 +14,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import ssl
-import time
-from collections.abc import Callable
+from typing import Protocol
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from maildesk.config import ImapSettings
+from maildesk.ingress.imap import ImapConnection
 from maildesk.logs import get_logger
-from maildesk.mail.message import Delivery, Handler, StoreUnavailable
-
-# (mailbox, uidvalidity, uids) -> the subset of those UIDs already stored.
-Stored = Callable[[str, int, list[int]], set[int]]
+from maildesk.mail.message import Delivery, StoreUnavailable
+from maildesk.store.intake import Accepted, Arrival
+from maildesk.store.models import RECEIVED
 
 log = get_logger("fetch")
 
 FETCH_BATCH = 50  # mails per FETCH or MOVE command
 FETCH_BATCH_BYTES = 1024 * 1024  # bytes per FETCH of whole mails; a larger mail comes alone
-HEADER_CAP = 256 * 1024  # the most of an oversized mail's header section that is downloaded
-MAX_ATTEMPTS = 3  # handler failures before a mail is quarantined as poison
-IDLE_CHECK_SECONDS = 1.0  # how often IDLE looks at `stop`
+PENDING_WAIT_SECONDS = 1.0  # the longest wait for the runner before searching again
 IDLE_RENEW_SECONDS = 25 * 60  # RFC 2177: servers may drop an IDLE after 30 minutes
-IDLE_BLIND_SECONDS = 5.0  # the IDLE bound when imaplib's read buffer cannot be inspected
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 SOCKET_TIMEOUT = 60.0  # so that a dead network cannot hang a worker thread forever
 
 
-class _Connection:
-    """One logged-in IMAP connection; every method blocks, so call them in a worker thread."""
+class Intake(Protocol):
+    """What the fetcher needs of the store; each method blocks, so call it in a worker thread."""
 
-    def __init__(self, client: IMAPClient, settings: ImapSettings) -> None:
-        self.client = client
-        self.use_move = client.has_capability("MOVE")
-        self.use_idle = settings.idle and client.has_capability("IDLE")
-        self.uidplus = client.has_capability("UIDPLUS")
-        # Settings write nested folders with "/"; the server may use another delimiter.
-        listing = client.list_folders("", "")
-        raw = listing[0][1] if listing else None
-        delimiter = raw.decode() if isinstance(raw, bytes) else raw
-        self.folder, self.processed, self.quarantine = (
-            name.replace("/", delimiter) if delimiter and delimiter != "/" else name
-            for name in (settings.folder, settings.processed_folder, settings.quarantine_folder)
-        )
-        self.idling = False
+    def store(self, arrivals: list[Arrival]) -> list[Accepted]:
+        """Make mails durable in one commit (StoreUnavailable when the database refused)."""
 
-    def ensure_folders(self) -> None:
-        """Create the processed and quarantine folders when they are missing."""
-        for name in (self.processed, self.quarantine):
-            if self.client.folder_exists(name):
-                continue
-            try:
-                self.client.create_folder(name)
-            except IMAPClientError:
-                # Another client may have created it in the meantime; only a real failure counts.
-                if not self.client.folder_exists(name):
-                    raise
-            # Subscribing makes the folder visible in the operator's mail client; optional.
-            with contextlib.suppress(IMAPClientError):
-                self.client.subscribe_folder(name)
-            log.info("imap.folder_created", folder=name)
+    def checkpoint(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, int]:
+        """Which of these UIDs are stored already, each with its row id."""
 
-    def scan(self) -> tuple[int, list[int], bool]:
-        """Select the watched folder; return its UIDVALIDITY, all its UIDs (ascending) and
-        whether the server announced more mail while it searched.
-        """
-        uidvalidity = int(self.client.select_folder(self.folder)[b"UIDVALIDITY"])
-        # A mail that arrives between SELECT and the end of SEARCH is not among the results:
-        # the search runs on the folder as the session last saw it. The server then announces
-        # it once, with an untagged "* N EXISTS" inside the SEARCH response, which imapclient
-        # files away in imaplib's untagged responses without returning it. The IDLE that
-        # follows would not announce it again, so the mail would wait a whole poll interval.
-        # imaplib's response() hands over (and forgets) what was filed under a name: drop the
-        # count that SELECT reported, then any EXISTS after the search means new mail.
-        imap = self.client._imap
-        imap.response("EXISTS")
-        uids = sorted(int(uid) for uid in self.client.search("ALL"))
-        _, announced = imap.response("EXISTS")
-        return uidvalidity, uids, announced != [None]
-
-    def sizes(self, uids: list[int]) -> dict[int, int]:
-        """The declared size (RFC822.SIZE) of each UID still in the folder."""
-        data = self.client.fetch(uids, ["RFC822.SIZE"])
-        return {int(uid): int(item[b"RFC822.SIZE"]) for uid, item in data.items()}
-
-    def bodies(self, uids: list[int]) -> dict[int, bytes]:
-        """Fetch raw mails without setting \\Seen (BODY.PEEK), keyed by UID."""
-        data = self.client.fetch(uids, ["BODY.PEEK[]"])
-        return {int(uid): bytes(item[b"BODY[]"]) for uid, item in data.items()}
-
-    def headers(self, uids: list[int]) -> dict[int, bytes]:
-        """Fetch at most HEADER_CAP bytes of each mail's header section, keyed by UID."""
-        # A partial fetch, so that a mail made of one endless header cannot fill memory either.
-        data = self.client.fetch(uids, [f"BODY.PEEK[HEADER]<0.{HEADER_CAP}>"])
-        return {int(uid): bytes(item[b"BODY[HEADER]<0>"]) for uid, item in data.items()}
-
-    def move(self, uids: list[int], folder: str) -> None:
-        """Move UIDs to a folder: MOVE, else COPY + \\Deleted + UID EXPUNGE of just those."""
-        if self.use_move:
-            self.client.move(uids, folder)
-            return
-        self.client.copy(uids, folder)
-        self.client.add_flags(uids, [b"\\Deleted"], silent=True)
-        if self.uidplus:
-            self.client.uid_expunge(uids)
-        else:
-            # Without UIDPLUS only a plain EXPUNGE exists; it also removes other mails that
-            # a user flagged \Deleted in this folder, which they asked for anyway.
-            self.client.expunge()
-
-    def idle(self, stop: asyncio.Event, seconds: float) -> None:
-        """IDLE until the server reports anything, `stop` is set or `seconds` have passed."""
-        deadline = time.monotonic() + seconds
-        self.client.idle()
-        self.idling = True
-        # Short idle_checks so that `stop` (a plain flag, safe to read here) is seen quickly.
-        while not stop.is_set() and time.monotonic() < deadline:
-            # idle_check() waits with poll() on the socket, but the server's news may already
-            # have been read off it: Dovecot answers IDLE with "+ idling" and, in the same
-            # packet, the "* N EXISTS" of mail that came after our last SEARCH. imaplib reads
-            # the whole packet into its buffer to return the "+ idling" line, and the EXISTS
-            # then waits there, invisible to poll(), until the IDLE ends. Look there first.
-            buffered = _unread_input(self.client)
-            if buffered:
-                break
-            if buffered is None:
-                # Without a way to look into the buffer, keep the blind spot short.
-                deadline = min(deadline, time.monotonic() + IDLE_BLIND_SECONDS)
-            started = time.monotonic()
-            if self.client.idle_check(IDLE_CHECK_SECONDS):
-                break
-            # imapclient swallows EOF inside idle_check and returns early with nothing: take
-            # an early empty return as news, so that idle_done() surfaces a broken connection.
-            if time.monotonic() - started < IDLE_CHECK_SECONDS / 2:
-                break
-        self.idling = False
-        self.client.idle_done()
-
-    def logout(self) -> None:
-        """Say goodbye politely, and close the socket whatever happens."""
-        with contextlib.suppress(OSError, IMAPClientError):
-            self.client.logout()
-        self.abandon()
-
-    def abandon(self) -> None:
-        """Close the socket without talking to the server."""
-        with contextlib.suppress(OSError, IMAPClientError):
-            self.client.shutdown()
+    def outcomes(self, ids: list[int]) -> dict[int, str]:
+        """Each row's state: "received" until filed, then its outcome."""
 
 
 class ImapFetcher:
-    """Read mails from an IMAP folder into the pipeline, moving each away once it committed."""
+    """Read mails from an IMAP folder into intake, and move each away once it is filed.
+
+    A batch of mails is FETCHed and stored in one commit; each then waits in `_pending` until
+    the intake runner has filed it, and goes to the processed or the quarantine folder by what
+    became of it. A crash at any point loses nothing and misfiles nothing: the mails still in
+    the folder are looked up in the store's checkpoint and moved by their recorded outcome.
+    """
 
     def __init__(
-        self, settings: ImapSettings, handler: Handler, stored: Stored, *, max_mail_bytes: int
-    ) -> None:
-        """Remember the settings, the pipeline callbacks and the largest mail to download whole;
-        connect lazily.
+        self, settings: ImapSettings, intake: Intake, *, max_mail_bytes: int,
+        filed: asyncio.Event | None = None,
+    ) -> None:  # fmt: skip
+        """Remember the settings, the store's side and the largest mail to download whole;
+        `filed` is set whenever the runner has filed mail. Connects lazily.
         """
         if not settings.username or settings.password is None:
             raise ValueError("IMAP needs a username and a password")
@@ -179,19 +72,19 @@ class ImapFetcher:
             # Moving a mail into the folder it came from would loop forever.
             raise ValueError("the IMAP folder must differ from the processed and quarantine ones")
         self._settings = settings
-        self._handler = handler
-        self._stored = stored
+        self._intake = intake
         self._max_mail_bytes = max_mail_bytes
-        self._conn: _Connection | None = None
-        # Failed handler attempts per (uidvalidity, uid); in memory, as a restart may retry.
-        self._attempts: dict[tuple[int, int], int] = {}
+        self._filed = filed
+        self._conn: ImapConnection | None = None
+        # UIDs (of the current UIDVALIDITY) stored but not yet filed, with their row ids.
+        self._pending: dict[int, int] = {}
         self._uidvalidity: int | None = None
 
     def _can_move(self, client: IMAPClient) -> bool:
         """Whether to use MOVE; a subclass may say no to exercise COPY + EXPUNGE."""
         return bool(client.has_capability("MOVE"))
 
-    def _open(self) -> _Connection:
+    def _open(self) -> ImapConnection:
         """Connect, log in and prepare the folders (blocking)."""
         settings = self._settings
         context = ssl.create_default_context() if settings.tls != "none" else None
@@ -204,7 +97,7 @@ class ImapFetcher:
                 client.starttls(context)
             assert settings.username is not None and settings.password is not None
             client.login(settings.username, settings.password.get_secret_value())
-            conn = _Connection(client, settings)
+            conn = ImapConnection(client, settings)
             conn.use_move = self._can_move(client)
             conn.ensure_folders()
         except BaseException:
@@ -217,7 +110,7 @@ class ImapFetcher:
         )  # fmt: skip
         return conn
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> ImapConnection:
         if self._conn is None:
             self._conn = await asyncio.to_thread(self._open)
         return self._conn
@@ -238,71 +131,70 @@ class ImapFetcher:
 
     async def _drain(self, stop: asyncio.Event) -> int:
         conn = await self._connection()
-        handled = 0
+        stored = 0
         tried: set[tuple[int, int]] = set()
         # Search again after each pass: mails that arrived meanwhile were announced during
         # other commands, so IDLE would not report them.
         while not stop.is_set():
             uidvalidity, uids, more = await asyncio.to_thread(conn.scan)
             if uidvalidity != self._uidvalidity:
+                # UIDs of another UIDVALIDITY name other mails: what was pending is found
+                # again, under its new UIDs, through the checkpoint and the SHA-256.
                 log.info("imap.selected", folder=conn.folder, uidvalidity=uidvalidity)
                 self._uidvalidity = uidvalidity
-            # A failed mail stays in place until the next round, not the next pass.
+                self._pending.clear()
             todo = [uid for uid in uids if (uidvalidity, uid) not in tried]
             if not todo:
                 if more:
                     continue  # Mail came during the search itself: look again.
-                break
+                # The moves come last, and a search follows them: mail announced in a MOVE's
+                # response would not be announced again by the IDLE that comes next.
+                if not await self._move_filed(conn):
+                    break
+                continue
             tried.update((uidvalidity, uid) for uid in todo)
-            handled += await self._process(conn, uidvalidity, todo, stop)
-        return handled
+            stored += await self._process(conn, uidvalidity, todo, stop)
+        if stop.is_set():
+            await self._move_filed(conn)
+        return stored
 
     async def _process(
-        self, conn: _Connection, uidvalidity: int, uids: list[int], stop: asyncio.Event
+        self, conn: ImapConnection, uidvalidity: int, uids: list[int], stop: asyncio.Event
     ) -> int:
         mailbox = self._settings.folder
-        seen = await asyncio.to_thread(self._stored, mailbox, uidvalidity, uids)
-        # Stored before but not moved (a crash between commit and move): only move them.
-        moves: dict[str, list[int]] = {conn.processed: sorted(seen), conn.quarantine: []}
-        if seen:
-            log.info("imap.already_stored", count=len(seen), uidvalidity=uidvalidity)
-        fresh = [uid for uid in uids if uid not in seen]
-        handled = 0
-        try:
-            for start in range(0, len(fresh), FETCH_BATCH):
+        known = await asyncio.to_thread(self._intake.checkpoint, mailbox, uidvalidity, uids)
+        if known:
+            # Stored before (a crash, or a restart before the runner filed them): they are
+            # only moved, once filed, by what became of them.
+            log.info("imap.already_stored", count=len(known), uidvalidity=uidvalidity)
+            self._pending.update(known)
+        fresh = [uid for uid in uids if uid not in known]
+        stored = 0
+        for start in range(0, len(fresh), FETCH_BATCH):
+            if stop.is_set():
+                break
+            chunk = fresh[start : start + FETCH_BATCH]
+            sizes = await asyncio.to_thread(conn.sizes, chunk)
+            for group, headers_only in plan_downloads(chunk, sizes, self._max_mail_bytes):
                 if stop.is_set():
                     break
-                chunk = fresh[start : start + FETCH_BATCH]
-                sizes = await asyncio.to_thread(conn.sizes, chunk)
-                for group, headers_only in plan_downloads(chunk, sizes, self._max_mail_bytes):
-                    if stop.is_set():
-                        break
-                    oversizes = {uid: sizes[uid] for uid in group} if headers_only else {}
-                    handled += await self._download(
-                        conn, uidvalidity, group, oversizes, moves, stop
-                    )
-                    # Moving a whole batch at once costs one command instead of fifty; a crash
-                    # before it only means those mails are found again and moved via `seen`.
-                    await self._flush(conn, moves)
-        except StoreUnavailable:
-            await self._flush(conn, moves)
-            raise
-        await self._flush(conn, moves)
-        return handled
+                oversizes = {uid: sizes[uid] for uid in group} if headers_only else {}
+                stored += await self._download(conn, uidvalidity, group, oversizes)
+            # Moving a whole batch at once costs one command instead of fifty.
+            await self._move_filed(conn)
+        return stored
 
     async def _download(
-        self, conn: _Connection, uidvalidity: int, uids: list[int], oversizes: dict[int, int],
-        moves: dict[str, list[int]], stop: asyncio.Event,
-    ) -> int:  # fmt: skip
-        """Fetch and handle one group: whole mails, or only the headers of those in
-        `oversizes` (UID to declared size); return how many the handler took.
+        self, conn: ImapConnection, uidvalidity: int, uids: list[int], oversizes: dict[int, int]
+    ) -> int:
+        """Fetch one group (whole mails, or only the headers of those in `oversizes`, UID to
+        declared size) and store it in one commit; returns how many mails were stored.
         """
         fetch = conn.headers if oversizes else conn.bodies
         raws = await asyncio.to_thread(fetch, uids)
-        handled = 0
+        arrivals: list[Arrival] = []
+        order: list[int] = []
         for uid in uids:
-            if stop.is_set():
-                break
             if uid not in raws:
                 continue  # Expunged by someone else since the search.
             oversize = oversizes.get(uid)
@@ -311,46 +203,48 @@ class ImapFetcher:
                     "imap.oversize", uid=uid, uidvalidity=uidvalidity, size=oversize,
                     limit=self._max_mail_bytes,
                 )  # fmt: skip
-            folder, took = await self._handle(conn, uidvalidity, uid, raws.pop(uid), oversize)
-            if folder is not None:
-                moves[folder].append(uid)
-            handled += took
-        return handled
-
-    async def _handle(
-        self, conn: _Connection, uidvalidity: int, uid: int, raw: bytes, oversize: int | None
-    ) -> tuple[str | None, bool]:
-        """Run the handler on one mail; return where to move it (None: keep) and if it took."""
-        delivery = Delivery(
-            source="imap", mailbox=self._settings.folder, uidvalidity=uidvalidity, uid=uid,
-            oversize=oversize,
-        )  # fmt: skip
-        key = (uidvalidity, uid)
-        try:
-            outcome = await asyncio.to_thread(self._handler, raw, delivery)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            attempts = self._attempts.get(key, 0) + 1
-            log.error(
-                "imap.handler_failed", uid=uid, uidvalidity=uidvalidity, attempt=attempts,
-                error=f"{type(exc).__name__}: {exc}", exc_info=True,
+            delivery = Delivery(
+                source="imap", mailbox=self._settings.folder, uidvalidity=uidvalidity, uid=uid,
+                oversize=oversize,
             )  # fmt: skip
-            if attempts < MAX_ATTEMPTS:
-                self._attempts[key] = attempts
-                return None, False
-            # A poison mail must not block the queue forever; a human will look at it.
-            self._attempts.pop(key, None)
-            log.warning("imap.poison_quarantined", uid=uid, uidvalidity=uidvalidity)
-            return conn.quarantine, False
-        self._attempts.pop(key, None)
-        return (conn.quarantine if outcome.quarantined else conn.processed), True
+            arrivals.append(Arrival(raws.pop(uid), delivery))
+            order.append(uid)
+        if not arrivals:
+            return 0
+        accepted = await asyncio.to_thread(self._intake.store, arrivals)
+        self._pending.update(
+            (uid, item.inbound_id) for uid, item in zip(order, accepted, strict=True)
+        )
+        return len(arrivals)
 
-    async def _flush(self, conn: _Connection, moves: dict[str, list[int]]) -> None:
+    async def _move_filed(self, conn: ImapConnection) -> int:
+        """Move the pending mails that the runner has filed, by their outcome; how many."""
+        if not self._pending:
+            return 0
+        if self._filed is not None:
+            # Cleared before the look-up, so that a filing committed meanwhile sets it again.
+            self._filed.clear()
+        states = await asyncio.to_thread(
+            self._intake.outcomes, sorted(set(self._pending.values()))
+        )
+        moves: dict[str, list[int]] = {conn.processed: [], conn.quarantine: []}
+        for uid, row_id in list(self._pending.items()):
+            state = states.get(row_id, "gone")
+            if state == RECEIVED:
+                continue
+            # A row that is gone was erased; its copy here is filed like any other.
+            moves[conn.quarantine if state == "quarantined" else conn.processed].append(uid)
+            del self._pending[uid]
+        moved = sum(len(uids) for uids in moves.values())
+        await self._flush(conn, moves)
+        return moved
+
+    async def _flush(self, conn: ImapConnection, moves: dict[str, list[int]]) -> None:
         for folder, uids in moves.items():
             # Slices keep the command line short when many stored mails wait to be moved.
             for start in range(0, len(uids), FETCH_BATCH):
-                await asyncio.to_thread(conn.move, uids[start : start + FETCH_BATCH], folder)
+                chunk = sorted(uids[start : start + FETCH_BATCH])
+                await asyncio.to_thread(conn.move, chunk, folder)
             if uids:
                 log.debug("imap.moved", count=len(uids), folder=folder)
             uids.clear()
@@ -359,6 +253,12 @@ class ImapFetcher:
         """IDLE until the server reports something, else sleep for the poll interval."""
         conn = await self._connection()
         if stop.is_set():
+            return
+        if self._pending:
+            # Mails wait to be filed: their moves come first, and the next search will find
+            # whatever arrived meanwhile.
+            events = [stop] if self._filed is None else [stop, self._filed]
+            await _wait_any(events, PENDING_WAIT_SECONDS)
             return
         if conn.use_idle:
             # IDLE also ends after the poll interval: a cheap sweep in case news got lost.
@@ -437,33 +337,15 @@ def plan_downloads(
     return plan
 
 
-def _unread_input(client: IMAPClient) -> bool | None:
-    """Whether server data waits in a buffer above the socket, where poll() cannot see it.
-
-    None means that the buffer could not be inspected. This reads imaplib's internals, which
-    changed in Python 3.14; tests/test_fetch.py checks that the result still means something.
-    """
-    sock = client.socket()
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True  # Decrypted by OpenSSL but not yet handed to imaplib.
-    state = vars(client._imap)
-    readbuf = state.get("_readbuf")
-    if isinstance(readbuf, list):
-        return any(readbuf)  # Python 3.14 and later: imaplib keeps its own list of chunks.
-    reader = state.get("file")
-    if not isinstance(reader, io.BufferedReader):
-        return None
-    # Before 3.14: the socket's BufferedReader. peek() returns what it holds and, only when
-    # that is nothing, tries one read from the socket; non-blocking, that read cannot hang,
-    # and whatever it gets is news too (the caller then ends the IDLE and reads it).
-    timeout = sock.gettimeout()
-    sock.setblocking(False)
+async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
+    """Return when any of `events` is set or after `timeout` seconds."""
+    tasks = [asyncio.create_task(event.wait()) for event in events]
     try:
-        return bool(reader.peek(1))
-    except OSError:  # Nothing to read: BlockingIOError, or SSLWantReadError with TLS.
-        return False
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        sock.settimeout(timeout)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

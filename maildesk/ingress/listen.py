@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
+import os
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -20,7 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from maildesk.config import ListenerSettings
 from maildesk.logs import get_logger
-from maildesk.mail.message import Delivery, Handler, StoreUnavailable
+from maildesk.mail.message import AsyncHandler, Delivery, Handler, StoreUnavailable
 
 log = get_logger("listen")
 
@@ -226,11 +228,15 @@ class _DeskLMTP(_DeskSMTP, LMTP):
     """The same session speaking LMTP (LHLO instead of HELO and EHLO)."""
 
 
+class ListenerError(Exception):
+    """The listener cannot start (its port is in use, say); the message names the address."""
+
+
 class Listener:
     """An SMTP or LMTP server in the running event loop that feeds the pipeline."""
 
     def __init__(
-        self, settings: ListenerSettings, desk_address: str, handler: Handler, *,
+        self, settings: ListenerSettings, desk_address: str, handler: Handler | AsyncHandler, *,
         max_mail_bytes: int,
     ) -> None:  # fmt: skip
         """Remember the settings and the largest mail to take in; call start() to listen."""
@@ -286,9 +292,16 @@ class Listener:
         # setup, those lines must not reach a log (see listener.rejected_recipient).
         logging.getLogger("mail.log").setLevel(logging.WARNING)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._factory, host=self._settings.host, port=self._settings.port
-        )
+        where = f"{self._settings.host}:{self._settings.port}"
+        try:
+            self._server = await loop.create_server(
+                self._factory, host=self._settings.host, port=self._settings.port
+            )
+        except OSError as exc:
+            # A port in use, an address this host does not have: one line for the operator.
+            # asyncio's own text repeats the address; the errno's says it plainly.
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise ListenerError(f"[listener] cannot listen on {where}: {reason}") from None
         log.info(
             "listener.started", host=self._settings.host, port=self.port, protocol=self.protocol
         )
@@ -320,7 +333,7 @@ class Listener:
         await self.stop()
 
     async def deliver(self, envelope: Envelope, raw: bytes, held: int = 0) -> str:
-        """Hand one received mail to the pipeline and return the SMTP reply for it.
+        """Hand one received mail to intake and return the SMTP reply for it.
 
         `held` bytes of the in-flight budget are given back once the pipeline is done with it.
         """
@@ -331,7 +344,13 @@ class Listener:
             envelope_from="" if mail_from == "<>" else mail_from,
             recipients=tuple(envelope.rcpt_tos),
         )
-        job = asyncio.ensure_future(asyncio.to_thread(self._handler, raw, delivery))
+        # The daemon's handler is a coroutine that group-commits (ingress/group_commit.py); a
+        # plain function, such as a test's, runs in a worker thread.
+        work = (
+            self._handler(raw, delivery) if inspect.iscoroutinefunction(self._handler)
+            else asyncio.to_thread(self._handler, raw, delivery)
+        )  # fmt: skip
+        job = asyncio.ensure_future(work)
         # The bytes stay held until the thread is done with them, even if the client left.
         job.add_done_callback(lambda _job: self.budget.give_back(held))
         self._inflight.add(job)

@@ -8,10 +8,11 @@ database, the network or a template.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
+from typing import Protocol
 
 
 class MalformedMail(Exception):
@@ -60,6 +61,18 @@ class Outcome:
 
 
 Handler = Callable[[bytes, Delivery], Outcome]
+
+
+class Stored(Protocol):
+    """What intake says of a mail once it is durable: the row that now holds it."""
+
+    @property
+    def inbound_id(self) -> int:
+        """The stored mail's id."""
+
+
+# The daemon's intake: a coroutine that returns once the mail is durable.
+AsyncHandler = Callable[[bytes, Delivery], Awaitable[Stored]]
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,29 @@
 """The send stage: deliver the outbox's due mails by SMTP or into a maildir.
 
-A sender claims due rows a batch at a time: in one short transaction it picks the oldest due
-rows, up to `claim_size` of them (`SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL, so that
-concurrent senders pass over each other's rows instead of queueing behind them), then sets them
-to "sending" with a lease, i.e. `next_attempt_at = now + lease`, and commits. Only then does it
-talk to the server, one row after the other over one connection, and it records the outcomes a
-group at a time (every RECORD_ROWS rows or RECORD_SECONDS, whichever comes first, and at the end
-of the claim). A row whose lease has run out (its sender crashed) is due again. The claiming
-UPDATE repeats the "is due" condition, so that a row claimed by someone else between our SELECT
-and our UPDATE is left alone; on SQLite, which ignores FOR UPDATE and serialises writers with its
-database lock, that condition alone keeps senders apart. Rows claimed but never tried (the server
-is unreachable, or the claim has used half its lease) are given back as they were.
+The outbox is a queue (store/queue.py). A sender claims the oldest due rows a batch at a time,
+in one short transaction, marking them "sending" under its name with a lease on the database's
+clock; only then does it talk to the server, one row after the other over one connection, and it
+records the outcomes a group at a time (every RECORD_ROWS rows or RECORD_SECONDS, whichever comes
+first, and at the end of the claim). Claimed rows it did not try (the server is unreachable, or
+the claim has used half its lease) are given back as they were.
+
+A mail is given up on by time, never by a count: a relay that is down, slow or refusing our
+password for hours costs nothing but retries, 1 minute doubling to 1 hour with jitter, until the
+mail's deadline (`[smtp] give_up_days` after it was queued). A 5xx answer is final at once. A mail
+given up on is recorded on its ticket, and the ticket's agents are told once (see `on_give_up`).
 
 Few write transactions matter on SQLite: each one queues for the database's single write lock,
-which the pipeline takes back to back during a burst of incoming mail, and a sender that took the
-lock twice per mail sent only a few mails a second until the burst was over.
+which intake and the runner take too, and a sender that took the lock twice per mail sent only a
+few mails a second during a burst of incoming mail.
 
 Delivery is therefore at least once, never at most once: a crash (or a lost database) between the
-server's 250 and our commit sends the mail again once the lease expires, as does a connection
-dropped after the server took the mail but before it answered. Since outcomes are recorded a group
-at a time, a crash in the middle of a claim sends again the rows of the group not yet recorded
-(at most RECORD_ROWS rows, or RECORD_SECONDS' worth of sending, plus the row on the wire), while
-the claimed rows not yet tried stay "sending" until their lease passes and are then sent once.
-The Message-ID is the same both times, so mail clients thread the copies together and most hide
-the duplicate.
+server's 250 and our commit sends the mail again, at once after a restart (the instance takes its
+own claims back) or once the lease lapses for another instance; so does a connection dropped after
+the server took the mail but before it answered. Since outcomes are recorded a group at a time, a
+crash in the middle of a claim sends again the rows of the group not yet recorded (at most
+RECORD_ROWS rows, or RECORD_SECONDS' worth of sending, plus the row on the wire). The Message-ID
+is the same both times, so mail clients thread the copies together and most hide the duplicate.
+A row whose sending killed the sender three times is failed rather than sent forever.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import asyncio
 import json
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlmodel import Session
 
 from maildesk.config import Settings
 from maildesk.logs import get_logger
@@ -50,11 +52,15 @@ from maildesk.outbound.transport import (
     refusals,
 )
 from maildesk.store.models import Outbox, utcnow
+from maildesk.store.queue import Clock, Queue, QueueWorker, backoff
 
 log = get_logger("send")
 
-LEASE = timedelta(minutes=10)
-MAX_BACKOFF = timedelta(hours=1)
+LEASE = timedelta(minutes=2)
+RETRY_FIRST = timedelta(minutes=1)
+RETRY_MOST = timedelta(hours=1)
+# Claims of one row that ended without an outcome (its sender died) before it is failed.
+CRASHES_BEFORE_FAILED = 3
 # Rows claimed in one transaction; a claim is sent over one connection.
 CLAIM_SIZE = 50
 # Outcomes are committed every RECORD_ROWS rows or RECORD_SECONDS, whichever comes first: this
@@ -63,7 +69,18 @@ RECORD_ROWS = 20
 RECORD_SECONDS = 0.5
 _OUTBOX: sa.Table = Outbox.metadata.tables["outbox"]
 _ROW = _OUTBOX.c
-_DUE_STATUSES = ("pending", "sending")
+OUTBOX_QUEUE = Queue(
+    table=_OUTBOX,
+    wanted=_ROW.status.in_(("pending", "sending")),
+    on_claim={"status": "sending"},
+    on_release={"status": "pending"},
+    # The sender judges crashes itself: attempts minus deferrals are the claims that ended
+    # without an outcome.
+    poison_after=2**31,
+)
+
+# Called in the transaction that gives up on a mail: (session, outbox id, reason).
+GiveUpHook = Callable[[Session, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -86,17 +103,6 @@ def _recipients(text: str) -> list[str]:
     return value
 
 
-@dataclass(frozen=True)
-class _Claim:
-    """A row this sender leased, and what to put back should it not try the row after all."""
-
-    row: Any  # The claiming UPDATE's RETURNING row, attempts already counted.
-    status: str  # The row's status, attempts and next attempt before the claim.
-    attempts: int
-    due_at: datetime
-    lease_until: datetime
-
-
 class OutboxSender:
     """Sends the outbox's due mails and records each outcome on its row."""
 
@@ -105,23 +111,34 @@ class OutboxSender:
         settings: Settings,
         engine: sa.Engine,
         *,
-        retry_base: timedelta = timedelta(minutes=1),
-        max_attempts: int = 10,
+        retry_base: timedelta = RETRY_FIRST,
+        retry_most: timedelta = RETRY_MOST,
+        give_up_after: timedelta | None = None,
         lease: timedelta = LEASE,
         poll_seconds: float = 5.0,
         timeout: float = 60.0,
         claim_size: int = CLAIM_SIZE,
+        owner: str = "sender",
+        clock: Clock | None = None,
+        on_give_up: GiveUpHook | None = None,
     ) -> None:
         """Prepare a sender; `retry_base` is the first backoff, doubled at each retry."""
         self.settings = settings
         self.engine = engine
         self.retry_base = retry_base
-        self.max_attempts = max_attempts
+        self.retry_most = retry_most
+        self.give_up_after = give_up_after or timedelta(days=settings.smtp.give_up_days)
         self.lease = lease
         self.poll_seconds = poll_seconds
         self.timeout = timeout
         self.claim_size = max(1, claim_size)
+        self.clock = clock
+        self.on_give_up = on_give_up
+        self.queue = QueueWorker(engine, OUTBOX_QUEUE, owner=owner, lease=lease, clock=clock)
         self._ssl_context: ssl.SSLContext | None = None
+
+    def _now(self) -> datetime:
+        return self.clock() if self.clock is not None else utcnow()
 
     def _tls_context(self) -> ssl.SSLContext:
         """The context for "ssl" and "starttls", built once: loading the CAs takes ~50 ms."""
@@ -134,72 +151,42 @@ class OutboxSender:
             return MaildirTransport(self.settings.outgoing_maildir)
         return SmtpTransport(self.settings, self.timeout, self._tls_context)
 
-    def _due(self, now: datetime) -> sa.ColumnElement[bool]:
-        return sa.and_(_ROW.status.in_(_DUE_STATUSES), _ROW.next_attempt_at <= now)
+    def take_back(self) -> int:
+        """At start-up: make this sender's unfinished claims due at once."""
+        return self.queue.take_back()
 
-    def _claim(self, size: int, skip: list[int]) -> tuple[list[_Claim], bool]:
-        """Lease up to `size` of the oldest due rows not in `skip`, in one transaction.
+    def _claim(self, size: int, skip: list[int]) -> list[Any]:
+        """Lease up to `size` of the oldest due rows not in `skip`."""
+        columns = [_ROW.kind, _ROW.message_id, _ROW.mail_from, _ROW.recipients, _ROW.raw,
+                   _ROW.deferrals, _ROW.created_at, _ROW.ticket_id]
+        # A row claimed before without an outcome is a suspect (its sender died with it, or
+        # with another row of its claim): suspects go alone, so that a crash counts against
+        # the one row on the wire, never against the whole claim.
+        claims = self.queue.claim(
+            size, columns, where=_ROW.id.not_in(skip) if skip else None,
+            alone=_ROW.attempts > _ROW.deferrals,
+        )  # fmt: skip
+        return [claim.row for claim in claims]
 
-        Also says whether more rows may be due: False when fewer than `size` were found.
-        """
-        while True:
-            now = utcnow()
-            pick = (
-                sa.select(_ROW.id, _ROW.status, _ROW.attempts, _ROW.next_attempt_at)
-                .where(self._due(now))
-                .order_by(_ROW.id)
-                .limit(size)
-            )
-            if skip:
-                pick = pick.where(_ROW.id.not_in(skip))
-            with self.engine.begin() as conn:
-                picked = {r.id: r for r in conn.execute(pick.with_for_update(skip_locked=True))}
-                if not picked:
-                    return [], False
-                # Counting the attempt when claiming makes a mail that keeps crashing its
-                # sender run out of attempts instead of being resent forever. Repeating the
-                # "is due" condition is the compare-and-set that keeps two senders apart.
-                claim = (
-                    sa.update(_OUTBOX)
-                    .where(_ROW.id.in_(list(picked)), self._due(now))
-                    .values(status="sending", attempts=_ROW.attempts + 1,
-                            next_attempt_at=now + self.lease)
-                    .returning(_ROW.id, _ROW.kind, _ROW.message_id, _ROW.mail_from,
-                               _ROW.recipients, _ROW.raw, _ROW.attempts)
-                )  # fmt: skip
-                rows = conn.execute(claim).all()
-            if rows:
-                # RETURNING follows no particular order: send the oldest first.
-                claims = [
-                    _Claim(row, picked[row.id].status, picked[row.id].attempts,
-                           picked[row.id].next_attempt_at, now + self.lease)
-                    for row in sorted(rows, key=lambda r: r.id)
-                ]  # fmt: skip
-                return claims, len(picked) == size
-            # Another sender claimed every one of them between our SELECT and our UPDATE.
-
-    def _record(self, results: list[tuple[int, dict[str, Any]]]) -> None:
+    def _record(self, results: list[tuple[Any, dict[str, Any], str | None]]) -> None:
         """Commit the outcomes gathered so far in one transaction, and forget them."""
-        if results:
-            with self.engine.begin() as conn:
-                for row_id, values in results:
-                    conn.execute(sa.update(_OUTBOX).where(_ROW.id == row_id).values(**values))
-            results.clear()
-
-    def _release(self, claims: list[_Claim]) -> None:
-        """Put back rows claimed but not tried, as they were, unless our lease has passed."""
-        if claims:
-            with self.engine.begin() as conn:
-                for c in claims:
-                    conn.execute(
-                        sa.update(_OUTBOX)
-                        .where(_ROW.id == c.row.id, _ROW.status == "sending",
-                               _ROW.next_attempt_at == c.lease_until)
-                        .values(status=c.status, attempts=c.attempts, next_attempt_at=c.due_at)
-                    )  # fmt: skip
-
-    def _backoff(self, attempts: int) -> timedelta:
-        return min(self.retry_base * 2 ** min(attempts - 1, 30), MAX_BACKOFF)
+        if not results:
+            return
+        with self.engine.begin() as conn:
+            gave_up = []
+            for row, values, give_up in results:
+                done = conn.execute(
+                    sa.update(_OUTBOX).where(self.queue.held(row.id))
+                    .values(**self.queue.release_values(**values))
+                )  # fmt: skip
+                if give_up is not None and done.rowcount and row.ticket_id is not None:
+                    gave_up.append((row.id, give_up))
+            if gave_up and self.on_give_up is not None:
+                with Session(bind=conn) as session:
+                    for row_id, reason in gave_up:
+                        self.on_give_up(session, row_id, reason)
+                    session.flush()
+        results.clear()
 
     def send_batch(self, limit: int = 100) -> SendReport:
         """Send up to `limit` due mails over one connection and record each outcome."""
@@ -210,59 +197,59 @@ class OutboxSender:
         try:
             while len(tried) < limit:
                 size = min(self.claim_size, limit - len(tried))
-                claims, more = self._claim(size, tried)
-                tried.extend(c.row.id for c in claims)
-                # When nothing else was due, rows that come later wake the next batch.
-                if self._send_claims(transport, claims, counts) or not more:
+                rows = self._claim(size, tried)
+                tried.extend(row.id for row in rows)
+                # When nothing else was due, rows that come later wake the next batch. A claim
+                # may come back short because another sender took rows between our SELECT and
+                # UPDATE: only a short pick ends the batch.
+                more = self.queue.last_picked >= size
+                if self._send_claims(transport, rows, counts) or not more:
                     break
         finally:
             transport.close()
         return SendReport(sent=counts["sent"], retried=counts["retry"], failed=counts["failed"])
 
     def _send_claims(
-        self,
-        transport: SmtpTransport | MaildirTransport,
-        claims: list[_Claim],
+        self, transport: SmtpTransport | MaildirTransport, rows: list[Any],
         counts: dict[str, int],
-    ) -> bool:
+    ) -> bool:  # fmt: skip
         """Send claimed rows and record their outcomes by groups; True means stop the batch.
 
         A crash here leaves the rows whose outcome was not yet committed "sending": they are
-        sent (again, for those already sent) once their lease passes. Grouping bounds how many
-        that can be; see the module's docstring.
+        sent (again, for those already sent) after a restart. Grouping bounds how many that can
+        be; see the module's docstring.
         """
-        results: list[tuple[int, dict[str, Any]]] = []
+        results: list[tuple[Any, dict[str, Any], str | None]] = []
         claimed_at = grouped_at = time.monotonic()
         untried = 0  # Index of the first claim not yet handed to the transport.
         stop = False
         try:
-            for index, claim in enumerate(claims):
+            for index, row in enumerate(rows):
                 # The lease must outlast the send: a row started with less than half of it
                 # left could be claimed and sent by another sender while we are still at it.
                 if time.monotonic() - claimed_at > self.lease.total_seconds() / 2:
-                    log.warning("claim outlived half its lease",
-                                left=len(claims) - index)  # fmt: skip
+                    log.warning("claim outlived half its lease", left=len(rows) - index)
                     break
                 untried = index + 1
-                outcome, values, stop = self._deliver(transport, claim.row)
+                outcome, values, give_up, stop = self._deliver(transport, row)
                 counts[outcome] += 1
                 if not results:
                     grouped_at = time.monotonic()
-                results.append((claim.row.id, values))
+                results.append((row, values, give_up))
                 if stop:
                     # The server is unreachable: the other rows wait for the next batch,
-                    # rather than each spending an attempt (and a timeout) on it now.
+                    # rather than each spending a timeout on it now.
                     break
                 if len(results) >= RECORD_ROWS or time.monotonic() - grouped_at >= RECORD_SECONDS:
                     self._record(results)
             self._record(results)
-            self._release(claims[untried:])
+            self.queue.release([row.id for row in rows[untried:]], uncount=True)
         except BaseException:
             # Keep what we know: outcomes not recorded would mean mails sent twice, and rows
             # not tried would wait for their lease. The row on the wire keeps its lease.
             try:
                 self._record(results)
-                self._release(claims[untried:])
+                self.queue.release([row.id for row in rows[untried:]], uncount=True)
             except Exception as exc:
                 log.warning("could not record the batch after an error", error=describe(exc))
             raise
@@ -270,45 +257,57 @@ class OutboxSender:
 
     def _deliver(
         self, transport: SmtpTransport | MaildirTransport, row: Any
-    ) -> tuple[str, dict[str, Any], bool]:
-        """Send one claimed row: its outcome, the values to record, and whether to stop."""
+    ) -> tuple[str, dict[str, Any], str | None, bool]:
+        """Send one claimed row: its outcome, the values to record, the reason if it was given
+        up on, and whether to stop the batch.
+        """
         fields = {"outbox_id": row.id, "message_id": row.message_id, "kind": row.kind,
-                  "attempts": row.attempts}  # fmt: skip
+                  "attempt": row.attempts}  # fmt: skip
         try:
             recipients = _recipients(row.recipients)
             fields["recipients"] = len(recipients)
-            if row.attempts > self.max_attempts:
-                raise PermanentFailure(f"abandoned after {row.attempts - 1} attempts")
+            # Claims that ended without an outcome; the first may have been a neighbour's.
+            crashes = row.attempts - 1 - row.deferrals
+            if crashes > CRASHES_BEFORE_FAILED:
+                raise PermanentFailure(f"the sender stopped {crashes} times while sending it")
             refused = transport.send(row.mail_from, recipients, row.raw)
         except PermanentFailure as exc:
             reason, stop = str(exc), False
         except TemporaryFailure as exc:
             stop = isinstance(exc, Unreachable)
-            if row.attempts < self.max_attempts:
-                retry_at = utcnow() + self._backoff(row.attempts)
+            now = self._now()
+            deadline = row.created_at + self.give_up_after
+            if now < deadline:
+                wait = backoff(row.deferrals + 1, first=self.retry_base, most=self.retry_most)
+                retry_at = min(now + wait, deadline)
                 log.warning("mail deferred", **fields, outcome="retry", error=str(exc),
                             retry_at=retry_at.isoformat())  # fmt: skip
                 values = {"status": "pending", "next_attempt_at": retry_at,
-                          "last_error": str(exc)}  # fmt: skip
-                return "retry", values, stop
-            reason = f"gave up after {row.attempts} attempts: {exc}"
+                          "deferrals": row.deferrals + 1, "last_error": str(exc)[:1000]}
+                return "retry", values, None, stop
+            days = self.give_up_after.total_seconds() / 86400
+            reason = f"gave up after {days:g} days: {exc}"[:1000]
         else:
             # Recipients refused one by one are lost for good; the others did get the mail.
             note = f"refused: {refusals(refused)}"[:1000] if refused else None
             log.info("mail sent", **fields, outcome="sent", refused=len(refused))
-            return "sent", {"status": "sent", "sent_at": utcnow(), "last_error": note}, False
+            return "sent", {"status": "sent", "sent_at": utcnow(), "last_error": note}, None, False
         log.error("mail failed", **fields, outcome="failed", error=reason)
-        return "failed", {"status": "failed", "last_error": reason}, stop
+        return "failed", {"status": "failed", "last_error": reason[:1000]}, reason, stop
 
     def _seconds_to_next(self) -> float:
         """Seconds until the earliest due row (or lease end), at most `poll_seconds`."""
         with self.engine.connect() as conn:
-            next_at = conn.execute(
-                sa.select(sa.func.min(_ROW.next_attempt_at)).where(_ROW.status.in_(_DUE_STATUSES))
+            due_at = conn.execute(
+                sa.select(sa.func.min(_ROW.next_attempt_at)).where(_ROW.status == "pending")
             ).scalar()
-        if next_at is None:
+            lapses_at = conn.execute(
+                sa.select(sa.func.min(_ROW.lease_until)).where(_ROW.status == "sending")
+            ).scalar()
+        times = [t for t in (due_at, lapses_at) if t is not None]
+        if not times:
             return self.poll_seconds
-        return max(0.0, min(self.poll_seconds, (next_at - utcnow()).total_seconds()))
+        return max(0.0, min(self.poll_seconds, (min(times) - self._now()).total_seconds()))
 
     def _round(self, limit: int) -> float:
         """One batch, then how long to wait before the next."""
@@ -321,6 +320,13 @@ class OutboxSender:
         self, stop: asyncio.Event, wake: asyncio.Event | None = None, limit: int = 100
     ) -> None:
         """Send batches until `stop` is set; `wake` starts the next batch at once."""
+        try:
+            taken = await asyncio.to_thread(self.take_back)
+        except Exception:
+            log.exception("could not take back earlier claims")
+        else:
+            if taken:
+                log.info("send.took_back", count=taken)
         while not stop.is_set():
             if wake is not None:
                 # Cleared before the batch reads the outbox, so that a row committed while the

@@ -199,8 +199,11 @@ class Outbox(SQLModel, table=True):
     # a bounce.
     verp: str | None = Field(default=None, max_length=64, unique=True)
     # The queue discipline (store/queue.py): the sender that holds the row and until when.
+    # `attempts` counts claims without an outcome (a crashed sender); `deferrals` counts the
+    # temporary failures that set the backoff, and neither gives up on a mail: its deadline does.
     claimed_by: str | None = Field(default=None, max_length=100)
     lease_until: datetime | None = _when(nullable=True)
+    deferrals: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class AuditEvent(SQLModel, table=True):

@@ -140,21 +140,52 @@ def test_permanent_failure_is_not_retried(
     assert len(smtp_server.attempts) == 1
 
 
-def test_max_attempts_then_failed(
+def test_temporary_failures_use_up_nothing_until_the_deadline(
     engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
 ) -> None:
-    """Temporary failures turn into a failure after max_attempts tries."""
+    """A relay that answers 452 for days: retried with growing gaps, given up only at the
+    deadline, never by a count of tries."""
     row = add_mail(engine, 1)
+    queued = reload(engine, row).created_at
     smtp_server.fail_next(452, count=None)
+    clock = {"now": queued}
     sender = OutboxSender(
-        make_settings(tmp_path, smtp_server), engine, retry_base=ZERO, max_attempts=2
+        make_settings(tmp_path, smtp_server), engine, give_up_after=timedelta(days=5),
+        clock=lambda: clock["now"],
     )
-    # One try per batch, even though the retry is due at once.
-    assert sender.send_batch() == SendReport(retried=1)
+    gaps = []
+    for _ in range(300):
+        assert sender.send_batch() == SendReport(retried=1)
+        fresh = reload(engine, row)
+        assert fresh.status == "pending"
+        gaps.append(fresh.next_attempt_at - clock["now"])
+        clock["now"] = fresh.next_attempt_at
+        if clock["now"] >= queued + timedelta(days=5):
+            break
+    # 1 minute doubling (less up to 20% of jitter), capped at an hour, and the last retry at
+    # the deadline itself.
+    assert timedelta(seconds=48) <= gaps[0] <= timedelta(minutes=1)
+    assert timedelta(minutes=1, seconds=36) <= gaps[1] <= timedelta(minutes=2)
+    assert max(gaps) <= timedelta(hours=1) and max(gaps) >= timedelta(minutes=48)
+    assert clock["now"] == queued + timedelta(days=5)
     assert sender.send_batch() == SendReport(failed=1)
     fresh = reload(engine, row)
-    assert fresh.status == "failed" and fresh.attempts == 2
-    assert fresh.last_error is not None and "452" in fresh.last_error
+    assert fresh.status == "failed"
+    assert fresh.last_error is not None and fresh.last_error.startswith("gave up after 5 days: 452")
+    assert fresh.deferrals == len(gaps)
+
+
+def test_a_5xx_is_final_at_once(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    """A 550 fails the mail on its first try: no retry."""
+    row = add_mail(engine, 1)
+    smtp_server.fail_next(550, count=None)
+    sender = OutboxSender(make_settings(tmp_path, smtp_server), engine)
+    assert sender.send_batch() == SendReport(failed=1)
+    fresh = reload(engine, row)
+    assert (fresh.status, fresh.deferrals) == ("failed", 0)
+    assert fresh.last_error is not None and fresh.last_error.startswith("550")
 
 
 def test_dropped_connection_reconnects_for_the_next_rows(
@@ -370,7 +401,8 @@ def test_error_mid_batch_keeps_what_is_known(
     states = [reload(engine, row) for row in rows]
     expected = [("sent", 1), ("sent", 1), ("sending", 1), ("pending", 0), ("pending", 0)]
     assert [(r.status, r.attempts) for r in states] == expected
-    assert states[2].next_attempt_at > utcnow() + timedelta(minutes=9)
+    assert states[2].lease_until is not None
+    assert states[2].lease_until > utcnow() + timedelta(minutes=1)
 
 
 def test_claim_stops_at_half_its_lease(

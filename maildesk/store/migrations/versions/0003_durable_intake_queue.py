@@ -27,6 +27,7 @@ def upgrade() -> None:
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.add_column(sa.Column('claimed_by', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True))
         batch_op.add_column(sa.Column('lease_until', UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('deferrals', sa.Integer(), server_default='0', nullable=False))
     # Rows from before this revision were filed at once; a "pending" one was never finished.
     op.execute("UPDATE inboundmail SET outcome = 'received' WHERE outcome = 'pending'")
     # The outbox's "sending" rows held their lease in next_attempt_at; they are simply due now.
@@ -35,6 +36,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.drop_column('deferrals')
         batch_op.drop_column('lease_until')
         batch_op.drop_column('claimed_by')
     with op.batch_alter_table('inboundmail', schema=None) as batch_op:
