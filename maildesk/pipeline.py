@@ -8,6 +8,7 @@ enqueue the notifications in the outbox, so that they commit with the mail that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from datetime import datetime
@@ -84,6 +85,16 @@ class Pipeline:
         if self.parser is not None:
             return self.parser.parse(raw)
         return parse_mail(raw, self.parse_limits)
+
+    def warm(self) -> None:
+        """Start the parse worker's child and compile the templates now, so that the first
+        mail after a start is filed as fast as any other.
+        """
+        self.notifier.warm()
+        if self.parser is not None:
+            # A child is ready once it has parsed something: its imports are done by then.
+            with contextlib.suppress(MalformedMail):
+                self.parser.parse(b"From: warm@maildesk.invalid\r\n\r\n.\r\n")
 
     def stop_parsing(self) -> None:
         """Stop the parse worker at once (a parse under way raises WorkerStopped)."""

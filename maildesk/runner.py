@@ -323,6 +323,14 @@ class IntakeRunner:
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
         """File mails until `stop` is set; `wake` (set after each intake commit) starts at once."""
+        # The parser's child starts before any claim: a claim counts as an attempt, and a
+        # crash while a child starts would otherwise count against the mail waiting for it.
+        warm = getattr(self.filer, "warm", None)
+        if warm is not None:
+            try:
+                await asyncio.to_thread(warm)
+            except WorkerStopped:
+                return
         taken = await asyncio.to_thread(self.worker.take_back)
         if taken:
             log.info("runner.took_back", count=taken)

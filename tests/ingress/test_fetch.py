@@ -1,4 +1,4 @@
-"""The IMAP fetcher against the rig's real Dovecot server."""
+"""The IMAP fetcher against the rig's real Dovecot server, with an in-memory intake."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 
 import pytest
 from imapclient import IMAPClient
@@ -16,16 +17,12 @@ from rig.dovecot import DovecotServer, ImapAccount, free_port
 from structlog.testing import capture_logs
 
 from maildesk.config import ImapSettings, LimitsSettings
-from maildesk.ingress.fetch import (
-    FETCH_BATCH,
-    FETCH_BATCH_BYTES,
-    HEADER_CAP,
-    ImapFetcher,
-    _Connection,
-    _unread_input,
-    plan_downloads,
-)
-from maildesk.mail.message import Delivery, Outcome, StoreUnavailable
+from maildesk.ingress import fetch
+from maildesk.ingress.fetch import FETCH_BATCH, FETCH_BATCH_BYTES, ImapFetcher, plan_downloads
+from maildesk.ingress.imap import HEADER_CAP, ImapConnection
+from maildesk.mail.message import Delivery, StoreUnavailable
+from maildesk.store.intake import Accepted, Arrival
+from maildesk.store.models import RECEIVED
 
 PROCESSED, QUARANTINE = "maildesk/processed", "maildesk/quarantine"
 MAX = LimitsSettings().max_mail_bytes
@@ -41,18 +38,90 @@ def make_mail(n: int) -> bytes:
     ).encode()
 
 
-class Recorder:
-    """A stand-in for the pipeline: records what it got and answers as `decide` says."""
+@dataclass
+class Row:
+    """A stored mail, as the store's InboundMail row keeps it."""
 
-    def __init__(self, decide: Callable[[bytes], str] = lambda raw: "ticket") -> None:
-        self.calls: list[tuple[bytes, Delivery]] = []
+    raw: bytes
+    delivery: Delivery
+    state: str = RECEIVED
+
+
+class MemoryIntake:
+    """An in-memory Intake: stores arrivals as rows and files each as `decide(raw)` says.
+
+    As in the store, the same bytes are one row, whose UIDVALIDITY and UID follow the latest
+    delivery. Rows are filed at once, or with `held` only when the test calls file_held().
+    `unavailable` store() calls are refused with StoreUnavailable before any is taken.
+    """
+
+    def __init__(
+        self, decide: Callable[[bytes], str] = lambda raw: "ticket", *, held: bool = False
+    ) -> None:
         self.decide = decide
+        self.held = held
+        self.rows: dict[int, Row] = {}
+        self.batches: list[list[Arrival]] = []
+        self.unavailable = 0
+        self.outcome_calls = 0
         self.arrived = threading.Event()
+        self._lock = threading.Lock()
 
-    def __call__(self, raw: bytes, delivery: Delivery) -> Outcome:
-        self.calls.append((raw, delivery))
+    @property
+    def arrivals(self) -> list[Arrival]:
+        """Every arrival stored, in order."""
+        return [arrival for batch in self.batches for arrival in batch]
+
+    @property
+    def raws(self) -> list[bytes]:
+        """The raw bytes of every arrival stored, in order."""
+        return [arrival.raw for arrival in self.arrivals]
+
+    def store(self, arrivals: list[Arrival]) -> list[Accepted]:
+        with self._lock:
+            if self.unavailable:
+                self.unavailable -= 1
+                raise StoreUnavailable("database down")
+            accepted = []
+            for arrival in arrivals:
+                row_id = next((i for i, r in self.rows.items() if r.raw == arrival.raw), None)
+                if row_id is not None:
+                    self.rows[row_id].delivery = arrival.delivery
+                    accepted.append(Accepted(row_id, True))
+                    continue
+                row_id = len(self.rows) + 1
+                row = self.rows[row_id] = Row(arrival.raw, arrival.delivery)
+                if not self.held:
+                    row.state = self.decide(arrival.raw)
+                accepted.append(Accepted(row_id, False))
+            self.batches.append(list(arrivals))
         self.arrived.set()
-        return Outcome(inbound_id=len(self.calls), outcome=self.decide(raw))
+        return accepted
+
+    def checkpoint(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, int]:
+        with self._lock:
+            return {
+                row.delivery.uid: row_id
+                for row_id, row in self.rows.items()
+                if (row.delivery.mailbox, row.delivery.uidvalidity) == (mailbox, uidvalidity)
+                and row.delivery.uid in uids
+            }
+
+    def outcomes(self, ids: list[int]) -> dict[int, str]:
+        with self._lock:
+            self.outcome_calls += 1
+            return {row_id: self.rows[row_id].state for row_id in ids if row_id in self.rows}
+
+    def file_held(self, which: Callable[[bytes], bool] = lambda raw: True) -> None:
+        """File the received rows that `which` picks, as `decide` says."""
+        with self._lock:
+            for row in self.rows.values():
+                if row.state == RECEIVED and which(row.raw):
+                    row.state = self.decide(row.raw)
+
+    def states(self) -> dict[bytes, str]:
+        with self._lock:
+            return {row.raw: row.state for row in self.rows.values()}
 
 
 def settings_for(account: ImapAccount, **changes: object) -> ImapSettings:
@@ -63,8 +132,9 @@ def settings_for(account: ImapAccount, **changes: object) -> ImapSettings:
     return settings.model_copy(update=changes)
 
 
-def never_seen(mailbox: str, uidvalidity: int, uids: list[int]) -> set[int]:
-    return set()
+def quarantine_if(*subjects: bytes) -> Callable[[bytes], str]:
+    """A decision that quarantines mails whose bytes contain one of `subjects`."""
+    return lambda raw: "quarantined" if any(s in raw for s in subjects) else "ticket"
 
 
 def uidvalidity_of(account: ImapAccount, folder: str = "INBOX") -> int:
@@ -78,19 +148,37 @@ def flags_of(account: ImapAccount, folder: str = "INBOX") -> list[tuple[bytes, .
         return list(imap.get_flags(imap.search("ALL")).values())
 
 
-async def test_fetch_once_hands_over_exact_bytes_and_moves(imap_account: ImapAccount) -> None:
-    mails = [make_mail(n) for n in range(3)]
-    uids = [imap_account.append(raw) for raw in mails]
-    recorder = Recorder()
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
+async def fetch_once(fetcher: ImapFetcher) -> int:
+    """One pass of the fetcher, logged out afterwards."""
     try:
-        assert await fetcher.fetch_once() == 3
+        return await fetcher.fetch_once()
     finally:
         await fetcher.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    """Wait until `condition()` holds; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_fetch_once_stores_exact_bytes_in_one_commit_and_moves(
+    imap_account: ImapAccount,
+) -> None:
+    mails = [make_mail(n) for n in range(3)]
+    uids = [imap_account.append(raw) for raw in mails]
+    intake = MemoryIntake()
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    assert await fetch_once(fetcher) == 3
     uidvalidity = uidvalidity_of(imap_account)
-    assert [raw for raw, _ in recorder.calls] == mails
-    assert [d for _, d in recorder.calls] == [
-        Delivery(source="imap", mailbox="INBOX", uidvalidity=uidvalidity, uid=uid) for uid in uids
+    [batch] = intake.batches
+    assert batch == [
+        Arrival(raw, Delivery(source="imap", mailbox="INBOX", uidvalidity=uidvalidity, uid=uid))
+        for raw, uid in zip(mails, uids, strict=True)
     ]
     assert imap_account.uids("INBOX") == []
     assert imap_account.fetch_all(PROCESSED) == mails
@@ -102,91 +190,209 @@ async def test_fetch_once_hands_over_exact_bytes_and_moves(imap_account: ImapAcc
 async def test_quarantined_outcome_goes_to_quarantine(imap_account: ImapAccount) -> None:
     imap_account.append(make_mail(1))
     imap_account.append(make_mail(2))
-    recorder = Recorder(lambda raw: "quarantined" if b"Test 2" in raw else "followup")
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
-    try:
-        assert await fetcher.fetch_once() == 2
-    finally:
-        await fetcher.close()
+    intake = MemoryIntake(quarantine_if(b"Test 2"))
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    assert await fetch_once(fetcher) == 2
     assert imap_account.fetch_all(PROCESSED) == [make_mail(1)]
     assert imap_account.fetch_all(QUARANTINE) == [make_mail(2)]
     assert imap_account.uids("INBOX") == []
 
 
-async def test_store_unavailable_leaves_mail_unread(imap_account: ImapAccount) -> None:
-    imap_account.append(make_mail(1))
-    imap_account.append(make_mail(2))
-    imap_account.append(make_mail(3))
-
-    def decide(raw: bytes) -> str:
-        if b"Test 2" in raw:
-            raise StoreUnavailable("database down")
-        return "ticket"
-
-    recorder = Recorder(decide)
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
-    try:
-        with pytest.raises(StoreUnavailable):
-            await fetcher.fetch_once()
-    finally:
-        await fetcher.close()
-    # The round stopped at mail 2: mail 1 committed and moved, mails 2 and 3 wait unread.
-    assert len(recorder.calls) == 2
+async def test_missing_folders_are_created_and_an_existing_one_kept(
+    imap_account: ImapAccount,
+) -> None:
+    imap_account.append(make_mail(1), folder="INBOX")
+    with imap_account.client() as imap:
+        imap.create_folder(QUARANTINE)
+        imap.append(QUARANTINE, make_mail(0))
+    fetcher = ImapFetcher(settings_for(imap_account), MemoryIntake(), max_mail_bytes=MAX)
+    with capture_logs() as logs:
+        assert await fetch_once(fetcher) == 1
+    created = [entry["folder"] for entry in logs if entry["event"] == "imap.folder_created"]
+    assert created == [PROCESSED]
+    with imap_account.client() as imap:
+        assert PROCESSED in [name for _, _, name in imap.list_sub_folders()]
     assert imap_account.fetch_all(PROCESSED) == [make_mail(1)]
-    assert imap_account.fetch_all("INBOX") == [make_mail(2), make_mail(3)]
-    assert all(b"\\Seen" not in flags for flags in flags_of(imap_account))
+    assert imap_account.fetch_all(QUARANTINE) == [make_mail(0)]
 
 
-async def test_already_stored_uid_is_moved_without_the_handler(imap_account: ImapAccount) -> None:
-    stored = imap_account.append(make_mail(1))
-    imap_account.append(make_mail(2))
-    uidvalidity = uidvalidity_of(imap_account)
-    asked: list[tuple[str, int, int]] = []
-
-    def seen(mailbox: str, validity: int, uids: list[int]) -> set[int]:
-        asked.extend((mailbox, validity, uid) for uid in uids)
-        return {stored} if validity == uidvalidity and stored in uids else set()
-
-    recorder = Recorder()
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, seen, max_mail_bytes=MAX)
+async def test_folders_are_named_with_the_servers_delimiter() -> None:
+    server = DovecotServer(separator=".")
+    server.start()
     try:
-        assert await fetcher.fetch_once() == 1
+        account = server.add_user()
+        account.append(make_mail(1))
+        account.append(make_mail(2))
+        # Settings name nested folders with "/"; this server's hierarchy delimiter is ".".
+        fetcher = ImapFetcher(
+            settings_for(account), MemoryIntake(quarantine_if(b"Test 2")), max_mail_bytes=MAX
+        )
+        assert await fetch_once(fetcher) == 2
+        with account.client() as imap:
+            names = {name for _, _, name in imap.list_folders()}
+        assert {"maildesk.processed", "maildesk.quarantine"} <= names
+        assert not any("/" in name for name in names)
+        assert account.fetch_all("maildesk.processed") == [make_mail(1)]
+        assert account.fetch_all("maildesk.quarantine") == [make_mail(2)]
+    finally:
+        server.stop()
+
+
+async def test_refused_store_leaves_the_batch_unread_for_the_next_pass(
+    imap_account: ImapAccount,
+) -> None:
+    mails = [make_mail(n) for n in range(3)]
+    for raw in mails:
+        imap_account.append(raw)
+    intake = MemoryIntake()
+    intake.unavailable = 1
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    with pytest.raises(StoreUnavailable):
+        await fetch_once(fetcher)
+    assert intake.batches == []
+    assert imap_account.fetch_all("INBOX") == mails
+    assert imap_account.uids(PROCESSED) == []
+    assert all(b"\\Seen" not in flags for flags in flags_of(imap_account))
+    # The next pass stores the whole batch and moves it.
+    assert await fetch_once(fetcher) == 3
+    assert intake.raws == mails
+    assert imap_account.fetch_all(PROCESSED) == mails
+    assert imap_account.uids("INBOX") == []
+
+
+async def test_run_retries_a_refused_store_on_the_same_connection(
+    imap_account: ImapAccount,
+) -> None:
+    mails = [make_mail(n) for n in range(3)]
+    for raw in mails:
+        imap_account.append(raw)
+    intake = MemoryIntake()
+    intake.unavailable = 2
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    with capture_logs() as logs:
+        async with running(fetcher):
+            await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 3)
+    assert [e["retry_in"] for e in logs if e["event"] == "imap.store_unavailable"] == [1.0, 2.0]
+    assert [e["event"] for e in logs].count("imap.connected") == 1
+    assert intake.raws == mails
+    assert imap_account.uids("INBOX") == []
+
+
+async def test_stored_mail_stays_until_filed_then_moves_by_its_outcome(
+    imap_account: ImapAccount,
+) -> None:
+    mails = [make_mail(n) for n in range(4)]
+    for raw in mails:
+        imap_account.append(raw)
+    intake = MemoryIntake(quarantine_if(b"Test 1", b"Test 2"), held=True)
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    try:
+        assert await fetcher.fetch_once() == 4
+        assert imap_account.fetch_all("INBOX") == mails
+        # Filed in part: only what is filed moves, and nothing is stored twice.
+        intake.file_held(lambda raw: raw in (mails[0], mails[1]))
+        assert await fetcher.fetch_once() == 0
+        assert imap_account.fetch_all("INBOX") == mails[2:]
+        assert imap_account.fetch_all(PROCESSED) == [mails[0]]
+        assert imap_account.fetch_all(QUARANTINE) == [mails[1]]
+        intake.file_held()
+        assert await fetcher.fetch_once() == 0
     finally:
         await fetcher.close()
-    assert [raw for raw, _ in recorder.calls] == [make_mail(2)]
-    assert ("INBOX", uidvalidity, stored) in asked
-    assert imap_account.fetch_all(PROCESSED) == [make_mail(1), make_mail(2)]
+    assert len(intake.batches) == 1
+    assert imap_account.uids("INBOX") == []
+    assert imap_account.fetch_all(PROCESSED) == [mails[0], mails[3]]
+    assert imap_account.fetch_all(QUARANTINE) == [mails[1], mails[2]]
 
 
-async def test_poison_mail_is_quarantined_after_three_attempts(imap_account: ImapAccount) -> None:
+async def test_run_waits_for_filing_and_moves_when_told(imap_account: ImapAccount) -> None:
     imap_account.append(make_mail(1))
     imap_account.append(make_mail(2))
+    intake = MemoryIntake(quarantine_if(b"Test 2"), held=True)
+    filed = asyncio.Event()
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX, filed=filed)
+    async with running(fetcher):
+        assert await asyncio.to_thread(intake.arrived.wait, 10)
+        # The fetcher has looked at the outcomes again since the mails were stored, and found
+        # them still received: they are where they were.
+        looked = intake.outcome_calls
+        assert await until(lambda: intake.outcome_calls >= looked + 2)
+        assert imap_account.fetch_all("INBOX") == [make_mail(1), make_mail(2)]
+        intake.file_held()
+        filed.set()
+        await asyncio.to_thread(imap_account.wait_for_count, QUARANTINE, 1)
+        await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 1)
+    assert imap_account.fetch_all(PROCESSED) == [make_mail(1)]
+    assert imap_account.fetch_all(QUARANTINE) == [make_mail(2)]
+    assert imap_account.uids("INBOX") == [] and len(intake.batches) == 1
 
-    def decide(raw: bytes) -> str:
-        if b"Test 1" in raw:
-            raise RuntimeError("a bug in the pipeline")
-        return "ticket"
 
-    recorder = Recorder(decide)
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
+async def test_after_a_crash_stored_mails_move_by_their_recorded_outcome(
+    imap_account: ImapAccount,
+) -> None:
+    mails = [make_mail(n) for n in range(5)]
+    for raw in mails[:4]:
+        imap_account.append(raw)
+    intake = MemoryIntake(quarantine_if(b"Test 0", b"Test 2"), held=True)
+    crashed = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    assert await crashed.fetch_once() == 4
+    crashed._abandon()  # Gone without a goodbye, its pending mails not moved.
+    # While no fetcher ran, the runner filed three of them, and a new mail came.
+    intake.file_held(lambda raw: raw != mails[3])
+    imap_account.append(mails[4])
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
     try:
         with capture_logs() as logs:
-            # The poison mail does not block the good one behind it.
             assert await fetcher.fetch_once() == 1
-            assert imap_account.fetch_all("INBOX") == [make_mail(1)]
-            assert await fetcher.fetch_once() == 0
-            assert imap_account.fetch_all("INBOX") == [make_mail(1)]
-            assert await fetcher.fetch_once() == 0
+        assert [arrival.raw for arrival in intake.batches[1]] == [mails[4]]
+        # Mail 3 was stored before the crash and mail 4 now, neither filed yet.
+        assert imap_account.fetch_all("INBOX") == [mails[3], mails[4]]
+        intake.file_held()
+        assert await fetcher.fetch_once() == 0
     finally:
         await fetcher.close()
-    assert len(recorder.calls) == 4
+    assert len(intake.batches) == 2
+    already = [entry["count"] for entry in logs if entry["event"] == "imap.already_stored"]
+    assert already == [4]
     assert imap_account.uids("INBOX") == []
-    assert imap_account.fetch_all(QUARANTINE) == [make_mail(1)]
-    assert imap_account.fetch_all(PROCESSED) == [make_mail(2)]
-    failures = [entry for entry in logs if entry["event"] == "imap.handler_failed"]
-    assert [entry["attempt"] for entry in failures] == [1, 2, 3]
-    assert "RuntimeError: a bug in the pipeline" in failures[0]["error"]
-    assert all("numéro" not in repr(entry) for entry in logs)
+    assert imap_account.fetch_all(PROCESSED) == [mails[1], mails[3], mails[4]]
+    assert imap_account.fetch_all(QUARANTINE) == [mails[0], mails[2]]
+
+
+async def test_changed_uidvalidity_stores_nothing_twice(imap_account: ImapAccount) -> None:
+    folder = "support"
+    mails = [make_mail(n) for n in range(3)]
+    with imap_account.client() as imap:
+        imap.create_folder(folder)
+        for raw in mails:
+            imap.append(folder, raw)
+    intake = MemoryIntake(quarantine_if(b"Test 1"), held=True)
+    settings = settings_for(imap_account, folder=folder)
+    fetcher = ImapFetcher(settings, intake, max_mail_bytes=MAX)
+    try:
+        assert await fetcher.fetch_once() == 3
+        before = uidvalidity_of(imap_account, folder)
+        # The folder is made anew, with the same mails in it and a new UIDVALIDITY.
+        with imap_account.client() as imap:
+            imap.delete_folder(folder)
+            imap.create_folder(folder)
+            for raw in mails:
+                imap.append(folder, raw)
+        after = uidvalidity_of(imap_account, folder)
+        assert after != before
+        intake.file_held()
+        with capture_logs() as logs:
+            # Downloaded again (their UIDs name nothing known), but found by their bytes.
+            assert await fetcher.fetch_once() == 3
+        assert await fetcher.fetch_once() == 0
+    finally:
+        await fetcher.close()
+    assert [e["uidvalidity"] for e in logs if e["event"] == "imap.selected"] == [after]
+    assert len(intake.rows) == 3
+    assert {row.delivery.uidvalidity for row in intake.rows.values()} == {after}
+    assert imap_account.uids(folder) == []
+    assert imap_account.fetch_all(PROCESSED) == [mails[0], mails[2]]
+    assert imap_account.fetch_all(QUARANTINE) == [mails[1]]
 
 
 async def test_copy_and_expunge_when_move_is_missing(imap_account: ImapAccount) -> None:
@@ -200,12 +406,9 @@ async def test_copy_and_expunge_when_move_is_missing(imap_account: ImapAccount) 
     imap_account.append(make_mail(1))
     imap_account.append(make_mail(2))
     imap_account.append(make_mail(3))
-    recorder = Recorder(lambda raw: "quarantined" if b"Test 2" in raw else "ticket")
-    fetcher = CopyingFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
-    try:
-        assert await fetcher.fetch_once() == 3
-    finally:
-        await fetcher.close()
+    intake = MemoryIntake(quarantine_if(b"Test 2"))
+    fetcher = CopyingFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    assert await fetch_once(fetcher) == 3
     assert CopyingFetcher.asked
     assert imap_account.uids("INBOX") == []
     assert imap_account.fetch_all(PROCESSED) == [make_mail(1), make_mail(3)]
@@ -215,70 +418,57 @@ async def test_copy_and_expunge_when_move_is_missing(imap_account: ImapAccount) 
 
 async def test_run_with_idle_picks_up_new_mail_and_stops(imap_account: ImapAccount) -> None:
     imap_account.append(make_mail(1))
-    recorder = Recorder()
+    intake = MemoryIntake()
     # poll_seconds is an hour, so only IDLE can bring the second mail in time.
-    fetcher = ImapFetcher(
-        settings_for(imap_account, idle=True), recorder, never_seen, max_mail_bytes=MAX
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(fetcher.run(stop))
-    try:
-        assert await asyncio.to_thread(recorder.arrived.wait, 10)
-        recorder.arrived.clear()
+    fetcher = ImapFetcher(settings_for(imap_account, idle=True), intake, max_mail_bytes=MAX)
+    async with running(fetcher):
+        assert await asyncio.to_thread(intake.arrived.wait, 10)
         await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 1)
         # Append only once the fetcher is in IDLE, so that IDLE's notification is what wakes it.
-        for _ in range(200):
-            if fetcher._conn is not None and fetcher._conn.idling:
-                break
-            await asyncio.sleep(0.05)
-        assert fetcher._conn is not None and fetcher._conn.idling
+        assert await until(lambda: fetcher._conn is not None and fetcher._conn.idling)
         await asyncio.to_thread(imap_account.append, make_mail(2))
-        assert await asyncio.to_thread(recorder.arrived.wait, 10)
         await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 2)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-    assert [raw for raw, _ in recorder.calls] == [make_mail(1), make_mail(2)]
+    assert intake.raws == [make_mail(1), make_mail(2)]
     assert imap_account.uids("INBOX") == []
 
 
-async def test_stop_finishes_the_mail_in_hand(imap_account: ImapAccount) -> None:
-    for n in range(3):
-        imap_account.append(make_mail(n))
+async def test_stop_finishes_the_batch_in_hand(
+    imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "FETCH_BATCH", 2)
+    mails = [make_mail(n) for n in range(5)]
+    for raw in mails:
+        imap_account.append(raw)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def decide(raw: bytes) -> str:
-        loop.call_soon_threadsafe(stop.set)  # A SIGTERM while the first mail is being stored.
+        loop.call_soon_threadsafe(stop.set)  # A SIGTERM while the first batch is being stored.
         return "ticket"
 
-    recorder = Recorder(decide)
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=MAX)
+    intake = MemoryIntake(decide)
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
     await asyncio.wait_for(fetcher.run(stop), 10)
-    assert len(recorder.calls) == 1
-    assert imap_account.fetch_all(PROCESSED) == [make_mail(0)]
-    assert imap_account.fetch_all("INBOX") == [make_mail(1), make_mail(2)]
+    assert [[arrival.raw for arrival in batch] for batch in intake.batches] == [mails[:2]]
+    assert imap_account.fetch_all(PROCESSED) == mails[:2]
+    assert imap_account.fetch_all("INBOX") == mails[2:]
 
 
 def test_watched_folder_must_differ_from_targets(imap_account: ImapAccount) -> None:
     settings = settings_for(imap_account, processed_folder="INBOX")
     with pytest.raises(ValueError, match="must differ"):
-        ImapFetcher(settings, Recorder(), never_seen, max_mail_bytes=MAX)
+        ImapFetcher(settings, MemoryIntake(), max_mail_bytes=MAX)
 
 
 async def test_run_polls_without_idle(imap_account: ImapAccount) -> None:
-    recorder = Recorder()
+    intake = MemoryIntake()
     settings = settings_for(imap_account, idle=False, poll_seconds=1)
-    fetcher = ImapFetcher(settings, recorder, never_seen, max_mail_bytes=MAX)
-    stop = asyncio.Event()
-    task = asyncio.create_task(fetcher.run(stop))
-    try:
+    fetcher = ImapFetcher(settings, intake, max_mail_bytes=MAX)
+    async with running(fetcher):
         await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 0)
         await asyncio.to_thread(imap_account.append, make_mail(1))
-        assert await asyncio.to_thread(recorder.arrived.wait, 10)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        assert await asyncio.to_thread(intake.arrived.wait, 10)
+        await asyncio.to_thread(imap_account.wait_for_count, PROCESSED, 1)
     assert imap_account.fetch_all(PROCESSED) == [make_mail(1)]
 
 
@@ -286,17 +476,11 @@ async def test_login_refused_is_logged_and_stop_interrupts_backoff(
     imap_account: ImapAccount,
 ) -> None:
     settings = settings_for(imap_account, password=SecretStr("not-the-password"))
-    fetcher = ImapFetcher(settings, Recorder(), never_seen, max_mail_bytes=MAX)
-    stop = asyncio.Event()
+    fetcher = ImapFetcher(settings, MemoryIntake(), max_mail_bytes=MAX)
     with capture_logs() as logs:
-        task = asyncio.create_task(fetcher.run(stop))
-        for _ in range(200):
-            if any("login refused" in entry["event"] for entry in logs):
-                break
-            await asyncio.sleep(0.05)
-        stop.set()
-        # The backoff is 60 s; stop ends it at once.
-        await asyncio.wait_for(task, 10)
+        async with running(fetcher):
+            # The backoff is 60 s; stop ends it at once.
+            assert await until(lambda: any("login refused" in e["event"] for e in logs))
     refused = [entry for entry in logs if "login refused" in entry["event"]]
     assert refused[0]["event"] == f"IMAP login refused for user {imap_account.username}"
     assert "not-the-password" not in repr(logs)
@@ -304,34 +488,42 @@ async def test_login_refused_is_logged_and_stop_interrupts_backoff(
 
 async def test_connection_errors_back_off_until_stopped(imap_account: ImapAccount) -> None:
     settings = settings_for(imap_account, port=free_port())  # Nobody listens there.
-    fetcher = ImapFetcher(settings, Recorder(), never_seen, max_mail_bytes=MAX)
-    stop = asyncio.Event()
+    fetcher = ImapFetcher(settings, MemoryIntake(), max_mail_bytes=MAX)
     with capture_logs() as logs:
-        task = asyncio.create_task(fetcher.run(stop))
-        for _ in range(200):
-            if any(entry["event"] == "imap.connection_error" for entry in logs):
-                break
-            await asyncio.sleep(0.05)
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        async with running(fetcher):
+            assert await until(lambda: any(e["event"] == "imap.connection_error" for e in logs))
     errors = [entry for entry in logs if entry["event"] == "imap.connection_error"]
-    assert errors and errors[0]["retry_in"] == 1.0
+    assert errors[0]["retry_in"] == 1.0
 
 
-# Mail that lands while the fetcher goes from its last SEARCH into IDLE is the easiest to lose:
-# the server announces it once, during SEARCH or together with the "+ idling" continuation,
-# and never again. These tests append exactly then; poll_seconds is an hour, so a mail that
-# the fetcher missed would sit in the folder and the test would time out.
+async def test_server_restart_during_idle_is_ridden_out() -> None:
+    server = DovecotServer()
+    server.start()
+    try:
+        account = server.add_user()
+        intake = MemoryIntake()
+        fetcher = ImapFetcher(settings_for(account, idle=True), intake, max_mail_bytes=MAX)
+        with capture_logs() as logs:
+            async with running(fetcher):
+                assert await until(lambda: server.idling_sessions() == 1)
+                await asyncio.to_thread(server.restart)
+                await asyncio.to_thread(account.append, make_mail(1))
+                await asyncio.to_thread(account.wait_for_count, PROCESSED, 1, 15)
+        assert intake.raws == [make_mail(1)]
+        assert [e["event"] for e in logs].count("imap.connected") == 2
+    finally:
+        server.stop()
 
 
-async def wait_for_calls(recorder: Recorder, count: int, timeout: float = 10) -> bool:
-    """Wait until the handler has been called `count` times; False after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while len(recorder.calls) < count:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
+# Mail that lands while the fetcher goes from its last command into IDLE is the easiest to lose:
+# the server announces it once, in the response of SEARCH or MOVE or together with the
+# "+ idling" continuation, and never again. These tests append exactly then; poll_seconds is an
+# hour, so a mail that the fetcher missed would sit in the folder and the test would time out.
+
+
+async def wait_for_stored(intake: MemoryIntake, count: int, timeout: float = 10) -> bool:
+    """Wait until `count` mails have been stored; False after `timeout` seconds."""
+    return await until(lambda: len(intake.arrivals) >= count, timeout)
 
 
 @contextlib.asynccontextmanager
@@ -356,12 +548,15 @@ class Injector:
         self.fetcher = fetcher
         self.claim_recent = claim_recent
 
-    def patch(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def patch(
+        self, monkeypatch: pytest.MonkeyPatch, name: str, args: Sequence[tuple[object, ...]]
+    ) -> None:
+        """Arm on `name` called with one of `args`, or with any arguments when empty."""
         original = getattr(IMAPClient, name)
 
-        def wrapper(client: IMAPClient, *args: object) -> object:
+        def wrapper(client: IMAPClient, *given: object) -> object:
             conn = self.fetcher._conn
-            ours = conn is not None and client is conn.client and args in ((), ("ALL",))
+            ours = conn is not None and client is conn.client and (not args or given in args)
             if ours and self.armed.is_set():
                 self.armed.clear()
                 self.account.append(make_mail(99))
@@ -371,36 +566,20 @@ class Injector:
                     with self.account.client() as other:
                         other.select_folder("INBOX")
                 self.fired.set()
-            return original(client, *args)
+            return original(client, *given)
 
         monkeypatch.setattr(IMAPClient, name, wrapper)
-
-
-def test_unread_input_sees_what_imaplib_read_ahead(imap_account: ImapAccount) -> None:
-    # The fetcher relies on this look into imaplib's internals; None would mean it went blind.
-    with imap_account.client() as imap:
-        imap.select_folder("INBOX")
-        imap.idle()
-        assert _unread_input(imap) is False
-        imap.idle_done()
-        imap_account.append(make_mail(1))
-        imap.idle()  # Answered with "+ idling" and "* 1 EXISTS".
-        time.sleep(0.2)  # Wherever the EXISTS is by now, socket or buffer, it counts.
-        assert _unread_input(imap) is True
-        assert (1, b"EXISTS") in imap.idle_done()[1]
 
 
 async def test_mail_appended_as_run_starts_is_handled(dovecot_server: DovecotServer) -> None:
     # The end-to-end situation: the mail comes while the fetcher connects, selects and searches.
     for _ in range(5):
         account = dovecot_server.add_user()
-        recorder = Recorder()
-        fetcher = ImapFetcher(
-            settings_for(account, idle=True), recorder, never_seen, max_mail_bytes=MAX
-        )
+        intake = MemoryIntake()
+        fetcher = ImapFetcher(settings_for(account, idle=True), intake, max_mail_bytes=MAX)
         async with running(fetcher):
             await asyncio.to_thread(account.append, make_mail(1))
-            assert await wait_for_calls(recorder, 1), "the mail was not picked up"
+            assert await wait_for_stored(intake, 1), "the mail was not picked up"
         assert account.uids("INBOX") == []
 
 
@@ -413,17 +592,38 @@ async def test_mail_appended_as_run_starts_is_handled(dovecot_server: DovecotSer
 async def test_mail_announced_at_an_awkward_moment_is_handled(
     imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch, moment: str, claim_recent: bool
 ) -> None:
-    recorder = Recorder()
-    fetcher = ImapFetcher(
-        settings_for(imap_account, idle=True), recorder, never_seen, max_mail_bytes=MAX
-    )
+    intake = MemoryIntake()
+    fetcher = ImapFetcher(settings_for(imap_account, idle=True), intake, max_mail_bytes=MAX)
     injector = Injector(imap_account, fetcher, claim_recent=claim_recent)
-    injector.patch(monkeypatch, moment)
+    injector.patch(monkeypatch, moment, [(), ("ALL",)])
     injector.armed.set()
     async with running(fetcher):
         assert await asyncio.to_thread(injector.fired.wait, 10)
-        assert await wait_for_calls(recorder, 1), "the mail was not picked up"
-    assert [raw for raw, _ in recorder.calls] == [make_mail(99)]
+        assert await wait_for_stored(intake, 1), "the mail was not picked up"
+    assert intake.raws == [make_mail(99)]
+
+
+async def test_mail_announced_during_the_move_of_filed_mail_is_handled(
+    imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runner files after the fetcher's last search: the MOVE of the filed mail is the last
+    # command before IDLE, and Dovecot announces a mail that came meanwhile in its response.
+    imap_account.append(make_mail(1))
+    intake = MemoryIntake(held=True)
+    filed = asyncio.Event()
+    fetcher = ImapFetcher(
+        settings_for(imap_account, idle=True), intake, max_mail_bytes=MAX, filed=filed
+    )
+    injector = Injector(imap_account, fetcher, claim_recent=True)
+    injector.patch(monkeypatch, "move", [])
+    async with running(fetcher):
+        assert await wait_for_stored(intake, 1)
+        injector.armed.set()
+        intake.file_held()
+        filed.set()
+        assert await asyncio.to_thread(injector.fired.wait, 10)
+        assert await wait_for_stored(intake, 2), "the mail was not picked up"
+    assert intake.raws == [make_mail(1), make_mail(99)]
 
 
 async def test_mails_appended_around_the_move_into_idle_are_all_handled(
@@ -433,9 +633,9 @@ async def test_mails_appended_around_the_move_into_idle_are_all_handled(
     # milliseconds after the scan that precedes IDLE has begun.
     scans = threading.Condition()
     scan_count = 0
-    original_scan = _Connection.scan
+    original_scan = ImapConnection.scan
 
-    def scan(conn: _Connection) -> object:
+    def scan(conn: ImapConnection) -> object:
         nonlocal scan_count
         with scans:
             scan_count += 1
@@ -446,29 +646,28 @@ async def test_mails_appended_around_the_move_into_idle_are_all_handled(
         with scans:
             scans.wait_for(lambda: scan_count >= number, 5)
 
-    monkeypatch.setattr(_Connection, "scan", scan)
+    monkeypatch.setattr(ImapConnection, "scan", scan)
     seen_at: list[int] = []
-    recorder = Recorder()
 
-    def handler(raw: bytes, delivery: Delivery) -> Outcome:
-        seen_at.append(scan_count)
-        return recorder(raw, delivery)
+    class ScanRecordingIntake(MemoryIntake):
+        def store(self, arrivals: list[Arrival]) -> list[Accepted]:
+            seen_at.extend(scan_count for _ in arrivals)
+            return super().store(arrivals)
 
-    fetcher = ImapFetcher(
-        settings_for(imap_account, idle=True), handler, never_seen, max_mail_bytes=MAX
-    )
+    intake = ScanRecordingIntake()
+    fetcher = ImapFetcher(settings_for(imap_account, idle=True), intake, max_mail_bytes=MAX)
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     with imap_account.client() as appender:
         async with running(fetcher):
             for n in range(25):
-                # The scan after the last handled mail (or the very first) is the one before IDLE.
+                # The scan after the last stored mail (or the very first) is the one before IDLE.
                 target = seen_at[-1] + 1 if seen_at else 1
                 await asyncio.to_thread(wait_for_scan, target)
                 await asyncio.sleep(rng.uniform(0, 0.04))
                 await asyncio.to_thread(appender.append, "INBOX", make_mail(n))
-                assert await wait_for_calls(recorder, n + 1), f"mail {n} missed (seed {seed})"
-    assert [raw for raw, _ in recorder.calls] == [make_mail(n) for n in range(25)]
+                assert await wait_for_stored(intake, n + 1), f"mail {n} missed (seed {seed})"
+    assert intake.raws == [make_mail(n) for n in range(25)]
     assert imap_account.uids("INBOX") == []
 
 
@@ -510,31 +709,23 @@ def header_section(raw: bytes) -> bytes:
     return raw[: raw.index(b"\r\n\r\n") + 4]
 
 
-async def test_oversized_mail_reaches_handler_as_headers_only(imap_account: ImapAccount) -> None:
+async def test_oversized_mail_is_stored_as_headers_only(imap_account: ImapAccount) -> None:
     over = mail_of_size(LIMIT + 1, "Capture trop grande")
     at_limit = mail_of_size(LIMIT, "Capture juste assez petite")
     uids = [imap_account.append(raw) for raw in (over, at_limit, make_mail(1))]
-    calls: list[tuple[bytes, Delivery]] = []
-
-    def handler(raw: bytes, delivery: Delivery) -> Outcome:
-        # As the pipeline does: a mail that came without its body is quarantined.
-        calls.append((raw, delivery))
-        outcome = "quarantined" if delivery.oversize is not None else "ticket"
-        return Outcome(inbound_id=len(calls), outcome=outcome)
-
-    fetcher = ImapFetcher(settings_for(imap_account), handler, never_seen, max_mail_bytes=LIMIT)
-    try:
-        with capture_logs() as logs:
-            assert await fetcher.fetch_once() == 3
-    finally:
-        await fetcher.close()
+    # As the runner does: a mail that came without its body is quarantined.
+    intake = MemoryIntake(quarantine_if(b"Capture trop grande"))
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=LIMIT)
+    with capture_logs() as logs:
+        assert await fetch_once(fetcher) == 3
     uidvalidity = uidvalidity_of(imap_account)
     delivery = Delivery(source="imap", mailbox="INBOX", uidvalidity=uidvalidity, uid=uids[0])
-    assert calls == [
-        (header_section(over), Delivery(**{**vars(delivery), "oversize": LIMIT + 1})),
-        (at_limit, Delivery(**{**vars(delivery), "uid": uids[1]})),
-        (make_mail(1), Delivery(**{**vars(delivery), "uid": uids[2]})),
-    ]
+    # The oversized mail is a commit of its own; the two others go together.
+    assert intake.batches == [
+        [Arrival(header_section(over), replace(delivery, oversize=LIMIT + 1))],
+        [Arrival(at_limit, replace(delivery, uid=uids[1])),
+         Arrival(make_mail(1), replace(delivery, uid=uids[2]))],
+    ]  # fmt: skip
     # The oversized mail is kept whole and unread in quarantine, for a person to look at.
     assert imap_account.fetch_all(QUARANTINE) == [over]
     assert all(b"\\Seen" not in flags for flags in flags_of(imap_account, QUARANTINE))
@@ -551,16 +742,34 @@ async def test_header_section_of_an_oversized_mail_is_capped(imap_account: ImapA
     raw = mail_of_size(HEADER_CAP * 2, "Boucle de messagerie", header_lines=3000)
     assert len(header_section(raw)) > HEADER_CAP
     imap_account.append(raw)
-    recorder = Recorder(lambda raw: "quarantined")
-    fetcher = ImapFetcher(settings_for(imap_account), recorder, never_seen, max_mail_bytes=LIMIT)
-    try:
-        assert await fetcher.fetch_once() == 1
-    finally:
-        await fetcher.close()
-    assert [(got, delivery.oversize) for got, delivery in recorder.calls] == [
-        (raw[:HEADER_CAP], len(raw))
-    ]
+    intake = MemoryIntake(lambda raw: "quarantined")
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=LIMIT)
+    assert await fetch_once(fetcher) == 1
+    assert [(a.raw, a.delivery.oversize) for a in intake.arrivals] == [(raw[:HEADER_CAP], len(raw))]
     assert imap_account.fetch_all(QUARANTINE) == [raw]
+
+
+async def test_large_backlog_is_fetched_and_moved_in_batches(
+    imap_account: ImapAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mails = [make_mail(n) for n in range(FETCH_BATCH + 5)]
+    with imap_account.client() as imap:
+        for raw in mails:
+            imap.append("INBOX", raw)
+    moves: list[int] = []
+    original_move = ImapConnection.move
+
+    def move(conn: ImapConnection, uids: list[int], folder: str) -> None:
+        moves.append(len(uids))
+        original_move(conn, uids, folder)
+
+    monkeypatch.setattr(ImapConnection, "move", move)
+    intake = MemoryIntake()
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    assert await fetch_once(fetcher) == len(mails)
+    assert [len(batch) for batch in intake.batches] == [FETCH_BATCH, 5]
+    assert moves == [FETCH_BATCH, 5]
+    assert imap_account.fetch_all(PROCESSED) == mails
 
 
 def test_plan_downloads_groups_small_mails_and_isolates_big_ones() -> None:

@@ -133,8 +133,11 @@ class DovecotServer:
 
     host = "127.0.0.1"
 
-    def __init__(self) -> None:
-        """Prepare paths; call start() to launch the server."""
+    def __init__(self, separator: str = "/") -> None:
+        """Prepare paths; call start() to launch the server. `separator` is the folder
+        hierarchy delimiter that the server shows its clients.
+        """
+        self.separator = separator
         self.base: Path | None = None
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -155,9 +158,36 @@ class DovecotServer:
         self.base = make_base_dir("maildesk-rig-")
         self.port = free_port()
         self._mail_uid, self._mail_gid = self._prepare_dirs()
+        (self.base / "dovecot.conf").write_text(self._config())
+        self._launch(timeout)
+
+    def restart(self, timeout: float = 10) -> None:
+        """Stop Dovecot and start it again on the same port, with the same users and mail."""
+        self.stop(remove=False)
+        self._launch(timeout)
+
+    def idling_sessions(self) -> int:
+        """How many IMAP sessions are in IDLE right now, as their process titles say."""
+        assert self.process is not None
+        count = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(proc.name)) != self.process.pid:
+                    continue
+                title = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue  # The process ended meanwhile.
+            # verbose_proctitle shows the command in hand: "…/imap [user1 127.0.0.1 IDLE]".
+            count += b"/imap [" in title and title.rstrip(b"\0").endswith(b" IDLE]")
+        return count
+
+    def _launch(self, timeout: float) -> None:
+        binary = shutil.which("dovecot", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+        assert binary is not None and self.base is not None
         config = self.base / "dovecot.conf"
-        config.write_text(self._config())
-        with (self.base / "dovecot.stderr").open("wb") as stderr:
+        with (self.base / "dovecot.stderr").open("ab") as stderr:
             self.process = subprocess.Popen(
                 [binary, "-F", "-c", str(config)],
                 stdin=subprocess.DEVNULL,
@@ -202,6 +232,8 @@ class DovecotServer:
             info_log_path = {base}/dovecot.log
             protocols = imap
             listen = {self.host}
+            # Process titles show each session's command, so a test can see an IDLE.
+            verbose_proctitle = yes
             ssl = no
             disable_plaintext_auth = no
             auth_mechanisms = plain login
@@ -217,7 +249,7 @@ class DovecotServer:
             # Most servers show "/" as the hierarchy separator; Maildir++ would show ".".
             namespace inbox {{
               inbox = yes
-              separator = /
+              separator = {self.separator}
             }}
             # One passwd-file per user: see add_user() for why not a shared file.
             passdb {{

@@ -42,6 +42,17 @@ def dovecot_server() -> Iterator[DovecotServer]:
 
 
 @pytest.fixture
+def private_dovecot() -> Iterator[DovecotServer]:
+    """Yield a Dovecot of this test's own, which it may stop and restart."""
+    server = DovecotServer()
+    _start_or_fail(server.start)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def imap_account(dovecot_server: DovecotServer) -> ImapAccount:
     """Return a freshly created IMAP user with an empty INBOX."""
     return dovecot_server.add_user()

@@ -93,9 +93,9 @@ class RecordingSMTPServer:
         self._behaviour: _Behaviour | None = None
         self._controller: _RigController | None = None
 
-    def start(self) -> None:
-        """Start listening on a free loopback port in a background thread."""
-        self.port = free_port()
+    def start(self, port: int | None = None) -> None:
+        """Start listening on a loopback port (a free one unless given) in a background thread."""
+        self.port = port or free_port()
         # A fixed hostname avoids socket.getfqdn(), which can stall on some hosts.
         self._controller = _RigController(
             self, hostname=self.host, port=self.port, server_hostname="smtp.rig.test"
