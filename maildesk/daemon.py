@@ -9,10 +9,15 @@ finishes the mail in hand.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
 
 from maildesk.config import Settings
 from maildesk.ingress.fetch import ImapFetcher
@@ -22,18 +27,24 @@ from maildesk.logs import get_logger
 from maildesk.mail.message import Delivery
 from maildesk.ops import sdnotify
 from maildesk.ops.messages import TRUST_WARNING
+from maildesk.ops.metrics import serve_metrics
 from maildesk.outbound.send import OutboxSender
 from maildesk.pipeline import Pipeline
+from maildesk.privacy.retention import run_daily
 from maildesk.store import database
 from maildesk.store.intake import Accepted, Arrival, IntakeStore
 
 log = get_logger("daemon")
+
+RETENTION_FIRST_DELAY_SECONDS = 300.0
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     """Run every enabled stage until `stop` is set; False if a stage failed."""
     engine = database.make_engine(settings.store_url)
     database.check_schema(engine)
+    # Bound first: a port in use stops the start before any stage runs.
+    metrics_server = _start_metrics(settings, engine)
     loop = asyncio.get_running_loop()
 
     def waker(event: asyncio.Event) -> Callable[[], object]:
@@ -54,6 +65,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
         asyncio.create_task(sender.run(stop, queued), name="send"),
         asyncio.create_task(pipeline.runner.run(stop, stored), name="runner"),
     ]
+    tasks.append(asyncio.create_task(_retention_later(settings, engine, stop), name="retention"))
     if settings.imap.enabled:
         fetcher = ImapFetcher(
             settings.imap, intake, max_mail_bytes=settings.limits.max_mail_bytes, filed=filed
@@ -103,9 +115,31 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
             await listener.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
         pipeline.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         engine.dispose()
         log.info("stopped")
     return not failed
+
+
+def _start_metrics(settings: Settings, engine: sa.Engine) -> Any:
+    """The Prometheus endpoint, when [metrics] listen asks for one."""
+    listen = settings.metrics.listen
+    if not listen:
+        return None
+    try:
+        return serve_metrics(listen, engine)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise ListenerError(f"[metrics] cannot listen on {listen}: {reason}") from None
+
+
+async def _retention_later(settings: Settings, engine: sa.Engine, stop: asyncio.Event) -> None:
+    """The daily retention run, first a few minutes after start-up, when intake has settled."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), RETENTION_FIRST_DELAY_SECONDS)
+    if not stop.is_set():
+        await run_daily(settings, engine, stop)
 
 
 def run_daemon(settings: Settings) -> int:

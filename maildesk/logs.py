@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -49,13 +49,15 @@ def _drop_tokens(
 
 
 def configure_logging(
-    level: str = "info", *, json: bool | None = None, log_format: str | None = None
+    level: str = "info", *, json: bool | None = None, log_format: str | None = None,
+    stream: TextIO | None = None,
 ) -> None:
     """Set up structlog for the process: `log_format` ("json" or "console", [log] format),
-    else JSON unless stdout is a terminal.
+    else JSON unless the log's stream (default stdout) is a terminal.
     """
+    out = stream or sys.stdout
     if json is None:
-        json = log_format == "json" if log_format else not sys.stdout.isatty()
+        json = log_format == "json" if log_format else not out.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
@@ -72,11 +74,13 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger bound to a component name."""
-    return structlog.get_logger().bind(component=name)
+    # A lazy proxy: modules create their loggers at import, often before configure_logging()
+    # ran, and a logger bound then would keep structlog's defaults (console, stdout) for good.
+    return structlog.get_logger(component=name)

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -28,8 +28,17 @@ from sqlmodel import Session
 
 from maildesk.config import Settings
 from maildesk.logs import get_logger
-from maildesk.mail.message import Delivery, MalformedMail, Outcome, ParsedMail, StoreUnavailable
+from maildesk.mail.message import (
+    IMPORT_SOURCE,
+    Delivery,
+    MalformedMail,
+    Outcome,
+    ParsedMail,
+    StoreUnavailable,
+)
 from maildesk.mail.worker import WorkerStopped
+from maildesk.ops import metrics
+from maildesk.outbound.notify import silenced
 from maildesk.store import database
 from maildesk.store.files import read_raw
 from maildesk.store.intake import INTAKE_QUEUE, Arrival, store_arrivals
@@ -94,6 +103,7 @@ class _Prepared:
     parsed: ParsedMail | MalformedMail | None = None
     error: BaseException | None = None
     started: float = 0.0
+    received_at: datetime | None = None
 
 
 def _delivery(row: Any) -> Delivery:
@@ -105,6 +115,15 @@ def _delivery(row: Any) -> Delivery:
         source=row.source, mailbox=row.mailbox, uidvalidity=row.uidvalidity, uid=row.uid,
         envelope_from=row.envelope_from, recipients=recipients, oversize=row.oversize,
     )  # fmt: skip
+
+
+def _aware(value: Any) -> datetime | None:
+    """A timestamp read through a RETURNING clause, as an aware UTC datetime."""
+    if isinstance(value, str):  # SQLite hands back text where no column type applies.
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return None
 
 
 def _summary(exc: BaseException) -> str:
@@ -164,7 +183,8 @@ class IntakeRunner:
         """Claim up to `limit` received mails and file them; returns how many were claimed."""
         self._retry_releases()
         columns = [_INBOUND.raw_path, _INBOUND.source, _INBOUND.mailbox, _INBOUND.uidvalidity,
-                   _INBOUND.uid, _INBOUND.envelope_from, _INBOUND.recipients, _INBOUND.oversize]
+                   _INBOUND.uid, _INBOUND.envelope_from, _INBOUND.recipients, _INBOUND.oversize,
+                   _INBOUND.received_at]
         # A mail claimed before without an outcome is a suspect: the process may have died of
         # it, or of any other mail of its batch. Suspects are filed alone, so that each later
         # crash counts against the one mail that caused it, and good mails are not poisoned
@@ -208,7 +228,8 @@ class IntakeRunner:
 
     def _prepare(self, row: Any) -> _Prepared:
         """Read and parse one claimed mail, outside any transaction."""
-        item = _Prepared(row.id, row.attempts, _delivery(row), started=time.monotonic())
+        item = _Prepared(row.id, row.attempts, _delivery(row), started=time.monotonic(),
+                         received_at=_aware(row.received_at))
         try:
             item.raw = read_raw(self.state_dir, row.raw_path)
         except OSError as exc:
@@ -262,7 +283,11 @@ class IntakeRunner:
                         continue
                 assert item.error is not None
                 outcomes.append((item, self._failed(session, item)))
+        filed_at = utcnow()
         for item, outcome in outcomes:
+            metrics.MAILS_FILED.labels(outcome.outcome).inc()
+            if item.received_at is not None and outcome.outcome != RECEIVED:
+                metrics.FILING_SECONDS.observe((filed_at - item.received_at).total_seconds())
             log.info(
                 "mail processed", source=item.delivery.source, inbound=outcome.inbound_id,
                 outcome=outcome.outcome, ticket=outcome.ticket_id, reason=outcome.reason,
@@ -275,7 +300,10 @@ class IntakeRunner:
         try:
             inbound = session.get(InboundMail, item.inbound_id)
             assert inbound is not None
-            outcome = self.filer.file(session, inbound, item.raw, item.delivery, item.parsed)
+            # A mail from an archive import is filed like any other, and tells nobody.
+            past = item.delivery.source == IMPORT_SOURCE
+            with silenced() if past else contextlib.nullcontext():
+                outcome = self.filer.file(session, inbound, item.raw, item.delivery, item.parsed)
             inbound.claimed_by, inbound.lease_until = None, None
             session.add(inbound)
             savepoint.commit()

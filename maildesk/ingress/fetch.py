@@ -24,6 +24,7 @@ from maildesk.config import ImapSettings
 from maildesk.ingress.imap import ImapConnection
 from maildesk.logs import get_logger
 from maildesk.mail.message import Delivery, StoreUnavailable
+from maildesk.ops import metrics
 from maildesk.store.intake import Accepted, Arrival
 from maildesk.store.models import RECEIVED
 
@@ -212,6 +213,7 @@ class ImapFetcher:
         if not arrivals:
             return 0
         accepted = await asyncio.to_thread(self._intake.store, arrivals)
+        metrics.MAILS_STORED.labels("imap").inc(len(arrivals))
         self._pending.update(
             (uid, item.inbound_id) for uid, item in zip(order, accepted, strict=True)
         )
@@ -281,10 +283,12 @@ class ImapFetcher:
                     # The connection is fine: keep it, and retry once the database is back.
                     log.warning("imap.store_unavailable", retry_in=delay)
                 except LoginError:
+                    metrics.IMAP_RECONNECTS.inc()
                     delay = BACKOFF_MAX
                     user = self._settings.username
                     log.error(f"IMAP login refused for user {user}", retry_in=delay)
                 except (OSError, IMAPClientError) as exc:
+                    metrics.IMAP_RECONNECTS.inc()
                     log.warning("imap.connection_error", error=repr(exc), retry_in=delay)
                     self._abandon()
                 except Exception:

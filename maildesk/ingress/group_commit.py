@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 from maildesk.logs import get_logger
+from maildesk.ops import metrics
 from maildesk.store.intake import Accepted, Arrival
 
 log = get_logger("group_commit")
@@ -79,7 +80,8 @@ class GroupCommit:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), item in zip(group, accepted, strict=True):
+            for (arrival, future), item in zip(group, accepted, strict=True):
+                metrics.MAILS_STORED.labels(arrival.delivery.source).inc()
                 if not future.done():
                     future.set_result(item)
             self._on_commit()

@@ -27,11 +27,15 @@ class StoreUnavailable(Exception):
     """The database could not take the mail; the sender should try again later."""
 
 
+# The source of mails that `maildesk import` files: past mail, which notifies nobody.
+IMPORT_SOURCE = "import"
+
+
 @dataclass(frozen=True)
 class Delivery:
     """Where a raw mail came from."""
 
-    source: str  # "imap", "smtp" or "lmtp"
+    source: str  # "imap", "smtp", "lmtp" or IMPORT_SOURCE
     mailbox: str | None = None
     uidvalidity: int | None = None
     uid: int | None = None

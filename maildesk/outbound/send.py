@@ -42,6 +42,7 @@ from sqlmodel import Session
 
 from maildesk.config import Settings
 from maildesk.logs import get_logger
+from maildesk.ops import metrics
 from maildesk.outbound.transport import (
     MaildirTransport,
     PermanentFailure,
@@ -233,6 +234,9 @@ class OutboxSender:
                 untried = index + 1
                 outcome, values, give_up, stop = self._deliver(transport, row)
                 counts[outcome] += 1
+                metrics.SEND_RESULTS.labels(outcome).inc()
+                if outcome == "sent":
+                    metrics.DELIVERY_SECONDS.observe((self._now() - row.created_at).total_seconds())
                 if not results:
                     grouped_at = time.monotonic()
                 results.append((row, values, give_up))
