@@ -20,19 +20,20 @@ from typing import Any
 import sqlalchemy as sa
 
 from maildesk.config import Settings
-from maildesk.ingress.fetch import ImapFetcher
+from maildesk.ingress.fetch import LEASE_SECONDS, ImapFetcher
 from maildesk.ingress.group_commit import GroupCommit
 from maildesk.ingress.listen import Listener, ListenerError
 from maildesk.logs import get_logger
 from maildesk.mail.message import Delivery
+from maildesk.metrics import serve_metrics
 from maildesk.ops import sdnotify
 from maildesk.ops.messages import TRUST_WARNING
-from maildesk.ops.metrics import serve_metrics
 from maildesk.outbound.send import OutboxSender
 from maildesk.pipeline import Pipeline
 from maildesk.privacy.retention import run_daily
 from maildesk.store import database
 from maildesk.store.intake import Accepted, Arrival, IntakeStore
+from maildesk.store.shared import take_lease
 
 log = get_logger("daemon")
 
@@ -55,8 +56,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     pipeline = Pipeline(settings, engine, on_commit=waker(queued), parse_in_worker=True)
     pipeline.runner.on_filed = waker(filed)
     intake = IntakeStore(engine, settings.desk.state_dir, on_stored=waker(stored))
+    owner = pipeline.runner.worker.owner
     sender = OutboxSender(
-        settings, engine, owner=pipeline.runner.worker.owner,
+        settings, engine, owner=owner,
         retry_base=timedelta(seconds=settings.smtp.retry_first_seconds),
         retry_most=timedelta(seconds=settings.smtp.retry_most_seconds),
         on_give_up=pipeline.notices.mail_given_up,
@@ -67,9 +69,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     ]
     tasks.append(asyncio.create_task(_retention_later(settings, engine, stop), name="retention"))
     if settings.imap.enabled:
+        imap = settings.imap
+        mailbox_name = f"imap:{imap.host}:{imap.port}:{imap.username}:{imap.folder}"
+
+        def hold_mailbox() -> bool:
+            return take_lease(engine, mailbox_name, owner, seconds=LEASE_SECONDS)
+
         fetcher = ImapFetcher(
-            settings.imap, intake, max_mail_bytes=settings.limits.max_mail_bytes, filed=filed
-        )
+            imap, intake, max_mail_bytes=settings.limits.max_mail_bytes, filed=filed,
+            lease=hold_mailbox,
+        )  # fmt: skip
         tasks.append(asyncio.create_task(fetcher.run(stop), name="fetch"))
     listener: Listener | None = None
     if settings.listener.enabled:

@@ -59,7 +59,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.reply_keys = load_reply_keys(settings)
+        self.reply_keys = load_reply_keys(settings, engine)
         self.notifier = Notifier(settings, self.reply_keys)
         self.notices = Notices(settings, self.notifier)
         limits = settings.limits

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from maildesk import metrics
 from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.mail.message import (
@@ -37,7 +38,6 @@ from maildesk.mail.message import (
     StoreUnavailable,
 )
 from maildesk.mail.worker import WorkerStopped
-from maildesk.ops import metrics
 from maildesk.outbound.notify import silenced
 from maildesk.store import database
 from maildesk.store.files import read_raw
@@ -48,7 +48,7 @@ from maildesk.store.queue import Clock, QueueWorker
 log = get_logger("runner")
 
 BATCH_SIZE = 20  # mails per claim and per filing transaction
-LEASE = timedelta(seconds=60)
+LEASE = timedelta(seconds=15)
 # Failures (exceptions) of a mail's filing before it is quarantined; a crash counts as a claim
 # without an outcome, and INTAKE_QUEUE.poison_after of those make a mail poison.
 FAILURES_BEFORE_QUARANTINE = 3
@@ -88,6 +88,8 @@ class Filer(Protocol):
 
 def instance_name(settings: Settings) -> str:
     """This instance's name in queue claims: stable across restarts, distinct per state dir."""
+    if settings.desk.instance:
+        return settings.desk.instance
     where = hashlib.sha256(str(settings.desk.state_dir.resolve()).encode()).hexdigest()[:8]
     return f"{socket.gethostname()[:80]}:{where}"
 
@@ -197,7 +199,17 @@ class IntakeRunner:
             return 0
         poison = [c for c in claims if c.poison]
         try:
-            prepared = [self._prepare(c.row) for c in claims if not c.poison]
+            prepared = []
+            renewed = time.monotonic()
+            for claim in claims:
+                if claim.poison:
+                    continue
+                prepared.append(self._prepare(claim.row))
+                # Parsing a batch may take a while: the lease is renewed while work is in hand,
+                # so that it can stay short and a dead instance's claims lapse soon.
+                if time.monotonic() - renewed > self.worker.lease.total_seconds() / 3:
+                    self.worker.renew([c.id for c in claims])
+                    renewed = time.monotonic()
             self._commit(prepared, poison)
         except BaseException as exc:
             # Nothing of the batch was written. A lost database or a stop says nothing of the

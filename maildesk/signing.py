@@ -19,6 +19,8 @@ from datetime import date
 from hashlib import sha256
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from maildesk.config import Settings
 
 # 24 hex digits are 96 bits: guessing is hopeless, and the local part stays short. Hex
@@ -111,8 +113,11 @@ def verify_reply_token(
     return hmac.compare_digest(token.mac, _mac(key, token.ticket_id, epoch, principal))
 
 
-def load_reply_keys(settings: Settings) -> ReplyKeyring:
-    """The configured keyring, else the single key kept in state_dir/reply.key (made once)."""
+def load_reply_keys(settings: Settings, engine: sa.Engine | None = None) -> ReplyKeyring:
+    """The configured keyring, else the desk's single key: kept in the database, which every
+    instance shares (made at first use, or taken over from an older state_dir/reply.key);
+    without a database at hand, in state_dir/reply.key.
+    """
     security = settings.security
     if security.reply_keys:
         first, *older = security.reply_keys
@@ -122,6 +127,19 @@ def load_reply_keys(settings: Settings) -> ReplyKeyring:
         )
     if security.reply_key is not None:
         return ReplyKeyring(ReplyKey(SINGLE_KEY_ID, security.reply_key.get_secret_value().encode()))
+    if engine is not None:
+        from maildesk.store.shared import desk_secret
+
+        legacy = settings.desk.state_dir / "reply.key"
+
+        def make() -> str:
+            # Reply addresses issued before the key moved to the database keep working.
+            if legacy.exists():
+                return legacy.read_bytes().strip().decode()
+            return secrets.token_hex(32)
+
+        shared = desk_secret(engine, "reply_key", make).encode()
+        return ReplyKeyring(ReplyKey(SINGLE_KEY_ID, shared))
     return ReplyKeyring(ReplyKey(SINGLE_KEY_ID, _state_key(settings.desk.state_dir)))
 
 

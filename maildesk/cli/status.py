@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from maildesk.cli.output import print_json, table
 from maildesk.config import Settings
-from maildesk.ops.metrics import queue_figures
+from maildesk.metrics import queue_figures
 from maildesk.store import database
 from maildesk.store.models import InboundMail, Outbox, utcnow
 

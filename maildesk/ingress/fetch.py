@@ -15,16 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import Protocol
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
+from maildesk import metrics
 from maildesk.config import ImapSettings
 from maildesk.ingress.imap import ImapConnection
 from maildesk.logs import get_logger
 from maildesk.mail.message import Delivery, StoreUnavailable
-from maildesk.ops import metrics
 from maildesk.store.intake import Accepted, Arrival
 from maildesk.store.models import RECEIVED
 
@@ -32,6 +33,12 @@ log = get_logger("fetch")
 
 FETCH_BATCH = 50  # mails per FETCH or MOVE command
 FETCH_BATCH_BYTES = 1024 * 1024  # bytes per FETCH of whole mails; a larger mail comes alone
+# One instance reads a mailbox at a time: it renews its lease at least every
+# LEASE_RENEW_SECONDS, the lease lasts LEASE_SECONDS, and an instance on standby asks again every
+# LEASE_RETRY_SECONDS, so that another takes over within 30 s of the holder's death.
+LEASE_SECONDS = 20.0
+LEASE_RENEW_SECONDS = 8.0
+LEASE_RETRY_SECONDS = 5.0
 PENDING_WAIT_SECONDS = 1.0  # the longest wait for the runner before searching again
 IDLE_RENEW_SECONDS = 25 * 60  # RFC 2177: servers may drop an IDLE after 30 minutes
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
@@ -62,10 +69,12 @@ class ImapFetcher:
 
     def __init__(
         self, settings: ImapSettings, intake: Intake, *, max_mail_bytes: int,
-        filed: asyncio.Event | None = None,
+        filed: asyncio.Event | None = None, lease: Callable[[], bool] | None = None,
     ) -> None:  # fmt: skip
         """Remember the settings, the store's side and the largest mail to download whole;
-        `filed` is set whenever the runner has filed mail. Connects lazily.
+        `filed` is set whenever the runner has filed mail; `lease`, when instances share the
+        mailbox, takes or renews this instance's lease on it (False: another holds it).
+        Connects lazily.
         """
         if not settings.username or settings.password is None:
             raise ValueError("IMAP needs a username and a password")
@@ -76,6 +85,8 @@ class ImapFetcher:
         self._intake = intake
         self._max_mail_bytes = max_mail_bytes
         self._filed = filed
+        self._lease = lease
+        self._standing_by = False
         self._conn: ImapConnection | None = None
         # UIDs (of the current UIDVALIDITY) stored but not yet filed, with their row ids.
         self._pending: dict[int, int] = {}
@@ -263,11 +274,15 @@ class ImapFetcher:
             await _wait_any(events, PENDING_WAIT_SECONDS)
             return
         if conn.use_idle:
-            # IDLE also ends after the poll interval: a cheap sweep in case news got lost.
-            seconds = min(IDLE_RENEW_SECONDS, self._settings.poll_seconds)
+            # IDLE also ends after the poll interval: a cheap sweep in case news got lost; and
+            # often enough to renew the mailbox's lease when several instances share it.
+            seconds: float = min(IDLE_RENEW_SECONDS, self._settings.poll_seconds)
+            if self._lease is not None:
+                seconds = min(seconds, LEASE_RENEW_SECONDS)
             await asyncio.to_thread(conn.idle, stop, seconds)
         else:
-            await _sleep(stop, self._settings.poll_seconds)
+            poll: float = self._settings.poll_seconds
+            await _sleep(stop, poll if self._lease is None else min(poll, LEASE_RENEW_SECONDS))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch until `stop` is set, reconnecting with backoff after errors."""
@@ -275,6 +290,8 @@ class ImapFetcher:
         try:
             while not stop.is_set():
                 try:
+                    if not await self._hold_mailbox(stop):
+                        continue
                     await self._drain(stop)
                     delay = BACKOFF_FIRST
                     await self._wait_for_mail(stop)
@@ -302,6 +319,24 @@ class ImapFetcher:
             self._abandon()
             raise
         await self.close()
+
+    async def _hold_mailbox(self, stop: asyncio.Event) -> bool:
+        """Whether this instance may read the mailbox now; while another instance holds it,
+        stay disconnected and ask again every LEASE_RETRY_SECONDS."""
+        if self._lease is None:
+            return True
+        if await asyncio.to_thread(self._lease):
+            if self._standing_by:
+                log.info("imap.lease_taken", folder=self._settings.folder)
+                self._standing_by = False
+            return True
+        if not self._standing_by:
+            log.info("imap.standby", folder=self._settings.folder,
+                     reason="another instance reads this mailbox")  # fmt: skip
+            self._standing_by = True
+        await self.close()
+        await _sleep(stop, LEASE_RETRY_SECONDS)
+        return False
 
     def _abandon(self) -> None:
         conn, self._conn = self._conn, None

@@ -40,9 +40,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from maildesk import metrics
 from maildesk.config import Settings
 from maildesk.logs import get_logger
-from maildesk.ops import metrics
 from maildesk.outbound.transport import (
     MaildirTransport,
     PermanentFailure,
@@ -57,7 +57,7 @@ from maildesk.store.queue import Clock, Queue, QueueWorker, backoff
 
 log = get_logger("send")
 
-LEASE = timedelta(minutes=2)
+LEASE = timedelta(seconds=30)
 RETRY_FIRST = timedelta(minutes=1)
 RETRY_MOST = timedelta(hours=1)
 # Claims of one row that ended without an outcome (its sender died) before it is failed.
@@ -169,11 +169,20 @@ class OutboxSender:
         )  # fmt: skip
         return [claim.row for claim in claims]
 
-    def _record(self, results: list[tuple[Any, dict[str, Any], str | None]]) -> None:
-        """Commit the outcomes gathered so far in one transaction, and forget them."""
+    def _record(
+        self, results: list[tuple[Any, dict[str, Any], str | None]], renew: list[int] | None = None
+    ) -> None:
+        """Commit the outcomes gathered so far in one transaction, and forget them; renew the
+        lease on the rows in `renew` in the same transaction."""
         if not results:
             return
         with self.engine.begin() as conn:
+            if renew:
+                conn.execute(
+                    sa.update(_OUTBOX)
+                    .where(_ROW.id.in_(renew), _ROW.claimed_by == self.queue.owner)
+                    .values(lease_until=self.queue._at(self.lease))
+                )
             gave_up = []
             for row, values, give_up in results:
                 done = conn.execute(
@@ -245,7 +254,11 @@ class OutboxSender:
                     # rather than each spending a timeout on it now.
                     break
                 if len(results) >= RECORD_ROWS or time.monotonic() - grouped_at >= RECORD_SECONDS:
-                    self._record(results)
+                    # The rest of the claim is renewed in the same transaction: the lease
+                    # stays short, so that a dead sender's claims lapse soon, and a long claim
+                    # still outlives its sending.
+                    self._record(results, renew=[r.id for r in rows[index + 1 :]])
+                    claimed_at = time.monotonic()
             self._record(results)
             self.queue.release([row.id for row in rows[untried:]], uncount=True)
         except BaseException:

@@ -25,7 +25,23 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from maildesk.store.models import UTCDateTime
+
 Clock = Callable[[], datetime]
+
+
+def database_time(
+    engine: sa.Engine, offset: timedelta = timedelta(0), clock: Clock | None = None
+) -> sa.ColumnElement[Any]:
+    """The database's clock plus `offset`, as a SQL expression (or `clock`'s time, in tests)."""
+    if clock is not None:
+        return sa.literal(clock() + offset, type_=UTCDateTime())
+    if engine.dialect.name == "sqlite":
+        # Microseconds, written as SQLAlchemy writes them, so that stored and computed times
+        # compare as strings and read back right.
+        modifier = f"{offset.total_seconds():+.3f} seconds"
+        return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier).concat("000")
+    return sa.func.now() + sa.literal(offset, type_=sa.Interval())
 
 
 def backoff(
@@ -99,14 +115,7 @@ class QueueWorker:
         return self._at(timedelta(0))
 
     def _at(self, offset: timedelta) -> sa.ColumnElement[Any]:
-        if self.clock is not None:
-            return sa.literal(self.clock() + offset, type_=self.c.lease_until.type)
-        if self.engine.dialect.name == "sqlite":
-            # Microseconds, written as SQLAlchemy writes them, so that stored and computed
-            # times compare as strings and read back right.
-            modifier = f"{offset.total_seconds():+.3f} seconds"
-            return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier).concat("000")
-        return sa.func.now() + sa.literal(offset, type_=sa.Interval())
+        return database_time(self.engine, offset, self.clock)
 
     def claimable(self) -> sa.ColumnElement[bool]:
         """Rows that want work, are due, and are held by nobody (or by a lapsed lease)."""
