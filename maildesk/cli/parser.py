@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from maildesk import __version__
 
 Handler = Callable[..., int]
+
+
+def _day(text: str) -> date:
+    """A calendar day, YYYY-MM-DD."""
+    try:
+        # Python also reads 20261231 and week dates; only the one plain form is documented.
+        if len(text) == 10:
+            return date.fromisoformat(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f'expected a date like 2026-12-31, got "{text}"')
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -103,8 +114,12 @@ def build(
     sub = command("accounts deactivate", "deactivate an account; retention counts from then")
     sub.add_argument("email", metavar="EMAIL")
     sub.add_argument(
-        "--on", type=parse_when, metavar="DATE", help="the date of deactivation (default: now)"
+        "--on", type=_day, metavar="DATE",
+        help="the day of deactivation, from its midnight in [desk] timezone (default: now); "
+        "an account already deactivated keeps its first date",
     )
+    sub = command("accounts reactivate", "let a deactivated account open tickets again")
+    sub.add_argument("email", metavar="EMAIL")
     sub = command("accounts list", "list the accounts")
     sub.add_argument("--company", help="only this company's accounts")
     _json_flag(sub)

@@ -11,10 +11,11 @@ import csv
 import io
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlmodel import Session, col, func, select
 
@@ -102,6 +103,14 @@ def update_company(
     if changes:
         session.add(company)
         _audit(session, "company.update", actor, company=company.name, **changes)
+    if active is False:
+        # The company's people lose their access with it, and their retention starts; those
+        # deactivated before keep their own date. Reactivating the company reactivates nobody:
+        # each account is reactivated on its own (accounts reactivate).
+        for account in session.exec(select(Account).where(
+            Account.company_id == company.id, col(Account.deactivated_at).is_(None)
+        )):
+            deactivate_account(session, email=account.email, actor=actor)
     return company
 
 
@@ -203,14 +212,49 @@ def update_account(
     return account
 
 
+def start_of_day(day: date, timezone: str) -> datetime:
+    """The moment `day` begins in `timezone` (an IANA name), in UTC."""
+    return datetime.combine(day, time(), ZoneInfo(timezone)).astimezone(UTC)
+
+
 def deactivate_account(
-    session: Session, *, email: str, on: datetime | None = None, actor: str
+    session: Session, *, email: str, on: date | datetime | None = None,
+    timezone: str = "Europe/Paris", actor: str,
 ) -> Account:
-    """Deactivate an account (now, or from a given date); retention counts from then."""
+    """Deactivate an account now, or from a day (in `timezone`); retention counts from then.
+
+    An account already deactivated keeps its first date: retention must not restart, nor the
+    person get back in between, because the same departure was recorded twice.
+    """
     account = get_account(session, email)
-    account.deactivated_at = on or utcnow()
+    if account.deactivated_at is not None:
+        return account
+    if isinstance(on, datetime):
+        when = on
+    elif on is not None:
+        when = start_of_day(on, timezone)
+    else:
+        when = utcnow()
+    account.deactivated_at = when
     session.add(account)
-    _audit(session, "account.deactivate", actor, account_id=account.id, on=account.deactivated_at)
+    _audit(session, "account.deactivate", actor, account_id=account.id, on=when)
+    return account
+
+
+def reactivate_account(session: Session, *, email: str, actor: str) -> Account:
+    """Let a deactivated account open tickets again (its company must be active)."""
+    account = get_account(session, email)
+    company = session.get(Company, account.company_id)
+    if company is not None and not company.active:
+        raise DirectoryError(
+            f'the company "{company.name}" is inactive; reactivate it first '
+            "(companies update --active)"
+        )
+    if account.deactivated_at is None:
+        raise DirectoryError(f"the account {account.email} is not deactivated")
+    account.deactivated_at = None
+    session.add(account)
+    _audit(session, "account.reactivate", actor, account_id=account.id)
     return account
 
 
@@ -222,8 +266,15 @@ def list_accounts(session: Session, company: str | None = None) -> list[tuple[Ac
     return list(session.exec(query))  # type: ignore[arg-type]
 
 
-def account_is_active(account: Account, now: datetime | None = None) -> bool:
-    """Whether the account may open tickets at `now`."""
+def account_is_active(
+    account: Account, now: datetime | None = None, company: Company | None = None
+) -> bool:
+    """Whether the account may open tickets at `now` (and its company, when given, is active).
+
+    From the first moment of its deactivation date on, an account counts as unknown.
+    """
+    if company is not None and not company.active:
+        return False
     return account.deactivated_at is None or account.deactivated_at > (now or utcnow())
 
 
@@ -236,6 +287,8 @@ class ImportResult:
 
     created: int
     unchanged: int
+    # The accounts created, for the welcome mail that each of them gets.
+    accounts: tuple[Account, ...] = ()
 
 
 def import_accounts(session: Session, data: str, *, source: str, actor: str) -> ImportResult:
@@ -257,6 +310,7 @@ def import_accounts(session: Session, data: str, *, source: str, actor: str) -> 
     reader.fieldnames = header
     seen: dict[str, int] = {}
     created = unchanged = 0
+    new_accounts: list[Account] = []
     for row in reader:
         line = reader.line_num
         values = {key: (value or "").strip() for key, value in row.items() if key is not None}
@@ -273,7 +327,7 @@ def import_accounts(session: Session, data: str, *, source: str, actor: str) -> 
                     unchanged += 1
                     continue
                 raise DirectoryError(f"an account with email {address} already exists")
-            add_account(
+            new_accounts.append(add_account(
                 session,
                 email=address,
                 name=values.get("name", ""),
@@ -281,11 +335,11 @@ def import_accounts(session: Session, data: str, *, source: str, actor: str) -> 
                 phone=values.get("phone") or None,
                 locale=values.get("locale") or "fr",
                 actor=actor,
-            )
+            ))
             created += 1
         except DirectoryError as exc:
             raise DirectoryError(f"{source}: line {line}: {exc}") from None
-    return ImportResult(created=created, unchanged=unchanged)
+    return ImportResult(created=created, unchanged=unchanged, accounts=tuple(new_accounts))
 
 
 def _same_account(session: Session, account: Account, values: dict[str, str]) -> bool:

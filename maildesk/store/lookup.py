@@ -28,7 +28,7 @@ def directory_entry(session: Session, address: str, now: datetime) -> DirectoryE
     if account is None:
         return DirectoryEntry()
     company = session.get(Company, account.company_id)
-    active = directory.account_is_active(account, now) and company is not None and company.active
+    active = company is not None and directory.account_is_active(account, now, company)
     return DirectoryEntry(
         account_id=account.id, company_id=account.company_id, account_active=active
     )

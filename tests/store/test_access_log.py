@@ -15,8 +15,8 @@ from maildesk.cli import tickets as cli_tickets
 from maildesk.config import StoreSettings
 from maildesk.mail.message import Delivery
 from maildesk.pipeline import Pipeline
-from maildesk.privacy.access import DELIVERY, READ, operator, record_delivery
 from maildesk.store import database, directory
+from maildesk.store.access_log import DELIVERY, READ, operator, record_delivery
 from maildesk.store.models import AuditEvent
 
 SMTP = Delivery(source="smtp", envelope_from=CUSTOMER)

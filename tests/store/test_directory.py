@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from sqlmodel import select
+from sqlmodel import Session, col, select
 
 from maildesk.store import database, directory
 from maildesk.store.directory import DirectoryError
@@ -96,3 +96,93 @@ def test_a_rejected_import_leaves_nothing(engine: sa.Engine) -> None:
     with database.session_scope(engine) as session:
         assert session.exec(select(Account)).all() == []
         assert len(session.exec(select(Company)).all()) == 1
+
+
+def _company_with_accounts(session: Session, *emails: str) -> None:
+    directory.add_company(session, name="Paris SA", after_hours=False, actor="t")
+    for email in emails:
+        directory.add_account(session, email=email, name="P", company="Paris SA", actor="t")
+
+
+def test_a_deactivation_date_starts_at_midnight_in_the_desks_time_zone(
+    engine: sa.Engine,
+) -> None:
+    with database.session_scope(engine) as session:
+        _company_with_accounts(session, "a@client.example")
+        directory.deactivate_account(session, email="a@client.example", on=date(2027, 3, 1),
+                                     timezone="Europe/Paris", actor="t")
+    with database.session_scope(engine) as session:
+        account = directory.get_account(session, "a@client.example")
+        assert account.deactivated_at == datetime(2027, 2, 28, 23, 0, tzinfo=UTC)
+        assert directory.account_is_active(account, datetime(2027, 2, 28, 22, 59, tzinfo=UTC))
+        assert not directory.account_is_active(account, datetime(2027, 2, 28, 23, 0, tzinfo=UTC))
+        # In summer Paris is two hours ahead of UTC.
+        directory.add_account(session, email="b@client.example", name="B",
+                              company="Paris SA", actor="t")
+        summer = directory.deactivate_account(session, email="b@client.example",
+                                              on=date(2027, 7, 1), actor="t")
+        assert summer.deactivated_at == datetime(2027, 6, 30, 22, 0, tzinfo=UTC)
+
+
+def test_deactivating_twice_keeps_the_first_date(engine: sa.Engine) -> None:
+    with database.session_scope(engine) as session:
+        _company_with_accounts(session, "a@client.example")
+        directory.deactivate_account(session, email="a@client.example", on=date(2027, 3, 1),
+                                     actor="t")
+    with database.session_scope(engine) as session:
+        again = directory.deactivate_account(session, email="a@client.example",
+                                             on=date(2027, 6, 1), actor="t")
+        assert again.deactivated_at == datetime(2027, 2, 28, 23, 0, tzinfo=UTC)
+        now = directory.deactivate_account(session, email="a@client.example", actor="t")
+        assert now.deactivated_at == datetime(2027, 2, 28, 23, 0, tzinfo=UTC)
+    with database.session_scope(engine) as session:
+        events = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "account.deactivate")).all()
+        assert len(events) == 1
+
+
+def test_deactivating_a_company_deactivates_its_accounts(engine: sa.Engine) -> None:
+    earlier = datetime(2026, 5, 1, tzinfo=UTC)
+    with database.session_scope(engine) as session:
+        _company_with_accounts(session, "a@client.example", "b@client.example")
+        directory.add_company(session, name="Other SA", after_hours=False, actor="t")
+        directory.add_account(session, email="o@other.example", name="O", company="Other SA",
+                              actor="t")
+        directory.deactivate_account(session, email="b@client.example", on=earlier, actor="t")
+        directory.update_company(session, name="Paris SA", active=False, actor="t")
+    with database.session_scope(engine) as session:
+        a = directory.get_account(session, "a@client.example")
+        b = directory.get_account(session, "b@client.example")
+        other = directory.get_account(session, "o@other.example")
+        assert a.deactivated_at is not None and not directory.account_is_active(a)
+        # One deactivated before keeps its own date: its retention started then.
+        assert b.deactivated_at == earlier
+        assert other.deactivated_at is None and directory.account_is_active(other)
+
+
+def test_an_account_can_be_reactivated_once_its_company_is_active(engine: sa.Engine) -> None:
+    with database.session_scope(engine) as session:
+        _company_with_accounts(session, "a@client.example")
+        directory.update_company(session, name="Paris SA", active=False, actor="t")
+    with database.session_scope(engine) as session, pytest.raises(
+        DirectoryError, match='company "Paris SA" is inactive'
+    ):
+        directory.reactivate_account(session, email="a@client.example", actor="t")
+    with database.session_scope(engine) as session:
+        directory.update_company(session, name="Paris SA", active=True, actor="t")
+        # Reactivating the company gives nobody their access back by itself.
+        assert not directory.account_is_active(directory.get_account(session,
+                                                                     "a@client.example"))
+        account = directory.reactivate_account(session, email="a@client.example", actor="t")
+        assert account.deactivated_at is None and directory.account_is_active(account)
+    with database.session_scope(engine) as session:
+        assert directory.account_is_active(directory.get_account(session, "a@client.example"))
+        with pytest.raises(DirectoryError, match="is not deactivated"):
+            directory.reactivate_account(session, email="a@client.example", actor="t")
+        # Deactivated again after a reactivation, it gets the new date.
+        again = directory.deactivate_account(session, email="a@client.example",
+                                             on=date(2028, 1, 10), actor="t")
+        assert again.deactivated_at == datetime(2028, 1, 9, 23, 0, tzinfo=UTC)
+        actions = [e.action for e in session.exec(select(AuditEvent).order_by(
+            col(AuditEvent.id)))]
+        assert "account.reactivate" in actions
