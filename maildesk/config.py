@@ -12,6 +12,7 @@ import tomllib
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -60,6 +61,23 @@ class DeskSettings(_Section):
     address: str = "support@maildesk.localhost"
     locale: Literal["fr", "en"] = "fr"
     state_dir: FilePath = Path("/var/lib/maildesk")
+    # This instance's name in queue claims and leases, stable across its restarts (it takes its
+    # own unfinished claims back at once). Default: the host name and the state directory; set
+    # it when several instances run on one host with a shared state directory.
+    instance: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,80}$")] | None = None
+    # The time zone of the desk's dates, such as an account's deactivation date.
+    timezone: str = "Europe/Paris"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f'unknown time zone "{value}" (expected one like Europe/Paris)'
+            ) from None
+        return value
 
     @field_validator("address")
     @classmethod
@@ -147,6 +165,11 @@ class PrivacySettings(_Section):
     authority: str = "CNIL"
     authority_url: str = "https://www.cnil.fr/fr/plaintes"
     us_entity: str = "Neocase Software Inc., near Boston, United States"
+    # The full notice and the record of processing (`maildesk privacy register`) name these.
+    # The technical providers (processors) that host or carry the data, one entry each.
+    processors: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    # Security measures beyond those maildesk itself takes, for the record of processing.
+    security_measures: Annotated[tuple[str, ...], Field(strict=False)] = ()
 
 
 class ReplyKeySettings(_Section):
@@ -204,12 +227,30 @@ class LimitsSettings(_Section):
     stranger_answers_per_hour: Annotated[int, Field(ge=0)] = 30
 
 
+class TicketsSettings(_Section):
+    """[tickets]: the ticket's clock, in days counted from its last change of status."""
+
+    # A customer's reply to a solved or closed ticket reopens it up to this many days after;
+    # later, it opens a new ticket that names the old one.
+    reopen_days: Annotated[int, Field(ge=0)] = 14
+    # A ticket pending (waiting for the customer) with no answer closes itself after this many
+    # days, with a short notice to the customer; a solved one after solved_close_days.
+    pending_close_days: Annotated[int, Field(ge=1)] = 7
+    solved_close_days: Annotated[int, Field(ge=1)] = 3
+
+
 class LogSettings(_Section):
     """[log]: how much to say."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     # Unset: the console renderer on a terminal, JSON lines otherwise (journald, a pipe, a file).
     format: Literal["json", "console"] | None = None
+
+
+class MetricsSettings(_Section):
+    """[metrics]: the Prometheus text endpoint, off unless `listen` names an address."""
+
+    listen: Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):[0-9]{1,5}$")] | None = None
 
 
 class Settings(_Section):
@@ -223,7 +264,9 @@ class Settings(_Section):
     privacy: PrivacySettings = PrivacySettings()
     security: SecuritySettings = SecuritySettings()
     limits: LimitsSettings = LimitsSettings()
+    tickets: TicketsSettings = TicketsSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _imap_needs_credentials(self) -> Settings:

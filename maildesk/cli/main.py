@@ -23,6 +23,7 @@ from maildesk.cli.errors import CommandError
 from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import ConfigError, Settings, config_path, load_settings
 from maildesk.logs import configure_logging
+from maildesk.privacy import notice
 from maildesk.store import database, directory
 from maildesk.store.database import StoreError
 from maildesk.store.directory import DirectoryError
@@ -34,8 +35,8 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 # Modules of `maildesk.cli` that add their own commands: each has `add_parsers(command)`, where
 # `command(name, help_text, handler)` returns the new subcommand's parser.
-COMMAND_MODULES = ("ticket_actions", "check", "outbox", "privacy", "audit", "retention",
-                   "service")
+COMMAND_MODULES = ("ticket_list", "ticket_actions", "check", "outbox", "privacy", "audit",
+                   "retention", "service", "archive", "status")
 
 
 def _actor() -> str:
@@ -185,7 +186,10 @@ def cmd_accounts_add(args: argparse.Namespace, settings: Settings) -> int:
             locale=args.locale,
             actor=_actor(),
         )
-        print(f"account {terminal_safe(account.email)} added")
+        # The person learns of it, with the full privacy notice, in the same transaction.
+        notice.welcome(session, settings, [account])
+        print(f"account {terminal_safe(account.email)} added; welcome mail with the privacy "
+              "notice queued")
         return 0
 
     return _in_transaction(settings, work)
@@ -203,8 +207,9 @@ def cmd_accounts_import(args: argparse.Namespace, settings: Settings) -> int:
 
     def work(session: Session) -> int:
         result = directory.import_accounts(session, data, source=str(path), actor=_actor())
+        welcomed = notice.welcome(session, settings, result.accounts)
         print(f"{terminal_safe(path)}: {result.created} accounts created, "
-              f"{result.unchanged} already present")
+              f"{result.unchanged} already present; {len(welcomed)} welcome mails queued")
         return 0
 
     return _in_transaction(settings, work)
@@ -233,11 +238,28 @@ def cmd_accounts_deactivate(args: argparse.Namespace, settings: Settings) -> int
     """Deactivate an account."""
 
     def work(session: Session) -> int:
+        before = directory.get_account(session, args.email).deactivated_at
         account = directory.deactivate_account(
-            session, email=args.email, on=args.on, actor=_actor()
+            session, email=args.email, on=args.on, timezone=settings.desk.timezone,
+            actor=_actor(),
         )
         when = account.deactivated_at.isoformat() if account.deactivated_at else "now"
-        print(f"account {terminal_safe(account.email)} deactivated from {when}")
+        if before is not None:
+            print(f"account {terminal_safe(account.email)} was already deactivated from {when}; "
+                  "that date stays")
+        else:
+            print(f"account {terminal_safe(account.email)} deactivated from {when}")
+        return 0
+
+    return _in_transaction(settings, work)
+
+
+def cmd_accounts_reactivate(args: argparse.Namespace, settings: Settings) -> int:
+    """Reactivate a deactivated account."""
+
+    def work(session: Session) -> int:
+        account = directory.reactivate_account(session, email=args.email, actor=_actor())
+        print(f"account {terminal_safe(account.email)} reactivated")
         return 0
 
     return _in_transaction(settings, work)
@@ -257,7 +279,7 @@ def cmd_accounts_list(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one account."""
 
-    from maildesk.privacy.access import operator, record_read
+    from maildesk.store.access_log import operator, record_read
 
     def work(session: Session) -> int:
         account = directory.get_account(session, args.email)
@@ -362,12 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
             "accounts import": cmd_accounts_import,
             "accounts update": cmd_accounts_update,
             "accounts deactivate": cmd_accounts_deactivate,
+            "accounts reactivate": cmd_accounts_reactivate,
             "accounts list": cmd_accounts_list,
             "accounts show": cmd_accounts_show,
             "agents add": cmd_agents_add,
             "agents list": cmd_agents_list,
             "agents deactivate": cmd_agents_deactivate,
-            "tickets list": cli_tickets.cmd_tickets_list,
             "tickets show": cli_tickets.cmd_tickets_show,
             "quarantine list": cli_tickets.cmd_quarantine_list,
             "quarantine show": cli_tickets.cmd_quarantine_show,
@@ -420,7 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, "embedded_settings", None)
             else load_settings(config_path(args.config))
         )
-        configure_logging(settings.log.level, log_format=settings.log.format)
+        # The daemon logs to stdout, for journald; any other command keeps stdout for its
+        # own output, which scripts read, and logs to stderr.
+        daemon = handler in (cmd_run, cmd_quickstart)
+        configure_logging(settings.log.level, log_format=settings.log.format,
+                          stream=sys.stdout if daemon else sys.stderr)
         if not getattr(args, "embedded_settings", None):
             _refuse_missing_database(args, settings)
         args.actor = _actor()

@@ -24,7 +24,7 @@ from maildesk.cli.errors import NotFound
 from maildesk.cli.outbox import delivery_problems
 from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import Settings
-from maildesk.store import database
+from maildesk.store import database, ticket_life
 from maildesk.store.models import Account, Attachment, Company, InboundMail, Message, Ticket
 
 # Bounds on what a listing reads of a stored raw mail to show its sender and subject.
@@ -97,6 +97,8 @@ def _message_entry(session: Session, message: Message, *, with_text: bool) -> di
         "author_kind": message.author_kind,
         "created_at": _iso(message.created_at),
         "matched_by": message.matched_by,
+        "rule": message.rule,
+        "internal": message.internal,
         "message_id": message.message_id,
         "attachments": [
             {"filename": a.filename, "content_type": a.content_type, "size": a.size,
@@ -145,15 +147,17 @@ def ticket_view(session: Session, ticket: Ticket, *, with_text: bool) -> dict[st
         "updated_at": _iso(ticket.updated_at),
         "messages": thread,
         "delivery_problems": delivery_problems(session, ticket.id) if ticket.id else [],
+        **ticket_life.describe(session, ticket),
         "unreadable": unreadable,
     }
 
 
 def _unreadable_ticket(ref: int, why: str) -> dict[str, Any]:
     names = ("subject", "status", "requester", "requester_name", "company", "created_at",
-             "updated_at")
+             "updated_at", "priority", "assignee", "status_changed_at", "merged_into", "follows",
+             "unattended")
     return {"ref": ref, **dict.fromkeys(names), "messages": [], "delivery_problems": [],
-            "unreadable": {"row": why}}
+            "watchers": [], "followers": [], "history": [], "unreadable": {"row": why}}
 
 
 def _shown(view: dict[str, Any], key: str, *, or_row: bool = False) -> str:
@@ -166,36 +170,9 @@ def _minute(value: Any) -> str:
     return value[:16].replace("T", " ") if isinstance(value, str) else ""
 
 
-def cmd_tickets_list(args: argparse.Namespace, settings: Settings) -> int:
-    """List tickets, newest first."""
-    where = [Ticket.status == args.status] if args.status else []
-    views = []
-    with _reading(settings) as session:
-        for ref, ticket, why in _load_all(session, Ticket, *where, newest_first=True):
-            try:
-                views.append(ticket_view(session, ticket, with_text=args.json) if ticket
-                             else _unreadable_ticket(ref, why or "?"))
-            except sa.exc.DBAPIError:
-                raise
-            except Exception as exc:
-                views.append(_unreadable_ticket(ref, _why(exc)))
-    if args.json:
-        print_json(views)
-        return 0
-    table(
-        [
-            [f"#{v['ref']}", v["status"], _minute(v["updated_at"]), _shown(v, "requester"),
-             _shown(v, "company"), _shown(v, "subject", or_row=True), len(v["messages"])]
-            for v in views
-        ],
-        ["TICKET", "STATUS", "UPDATED", "REQUESTER", "COMPANY", "SUBJECT", "MESSAGES"],
-    )
-    return 0
-
-
 def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one ticket and its thread."""
-    from maildesk.privacy.access import operator, record_read
+    from maildesk.store.access_log import operator, record_read
 
     with _reading(settings) as session:
         ticket, why = _get(session, Ticket, args.ref)
@@ -217,12 +194,13 @@ def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"status: {safe(view['status'])}; requester: {_shown(view, 'requester_name')} "
           f"<{_shown(view, 'requester')}> ({_shown(view, 'company')}); "
           f"opened {safe(view['created_at'])}")
+    print(life_line(view))
     for m in view["messages"]:
         if "row" in m["unreadable"]:
             print(f"\n--- (unreadable message: {m['unreadable']['row']})")
             continue
         print(f"\n--- {safe(m['created_at'])} {safe(m['author_kind'])} {safe(m['author'])} "
-              f"<{safe(m['author_email'])}>")
+              f"<{safe(m['author_email'])}>" + (" (internal note)" if m["internal"] else ""))
         print(terminal_safe(m["text"], multiline=True))
         for a in m["attachments"]:
             print(f"[attachment: {_shown(a, 'filename', or_row=True)} "
@@ -232,7 +210,35 @@ def cmd_tickets_show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"\n!!! {safe(problem['at'])} {safe(problem['action'])}: outgoing mail "
               f"{safe(problem['outbox'])} ({safe(problem['kind'])}) to "
               f"{safe(', '.join(problem['recipients']))}: {safe(problem['reason'])}")
+    if view["history"]:
+        print("\nhistory:")
+    for entry in view["history"]:
+        print(f"  {_minute(entry['at'])} {safe(entry['actor'])} {safe(entry['action'])}"
+              f"{safe(_change(entry['detail']))}")
     return 0
+
+
+def life_line(view: dict[str, Any]) -> str:
+    """The line of `tickets show` with the ticket's priority, people and links."""
+    assignee = view["assignee"] or ("nobody (unattended)" if view["unattended"] else "nobody")
+    parts = [f"priority: {view['priority']}", f"assignee: {assignee}",
+             f"watchers: {', '.join(view['watchers']) or 'none'}",
+             f"followers: {', '.join(view['followers']) or 'none'}"]
+    if view["merged_into"] is not None:
+        parts.append(f"merged into #{view['merged_into']}")
+    if view["follows"] is not None:
+        parts.append(f"follows #{view['follows']}")
+    return terminal_safe("; ".join(parts))
+
+
+def _change(detail: dict[str, Any]) -> str:
+    if "from" in detail or "to" in detail:
+        rest = {k: v for k, v in detail.items() if k not in ("from", "to")}
+        text = f": {detail.get('from') or '-'} -> {detail.get('to') or '-'}"
+    else:
+        rest, text = detail, ""
+    extras = ", ".join(f"{key} {value}" for key, value in rest.items())
+    return f"{text} ({extras})" if extras else text
 
 
 @dataclass(frozen=True)
@@ -393,11 +399,8 @@ def cmd_quarantine_release(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_parsers(command: Any) -> None:
-    """Register the tickets and quarantine commands with the main parser."""
-    sub = command("tickets list", "list tickets, newest first")
-    sub.add_argument("--status", choices=("open", "answered", "closed"))
-    sub.add_argument("--json", action="store_true",
-                     help="print JSON: reference, subject, status, requester, company, messages")
+    """Register the tickets and quarantine commands with the main parser (`tickets list` is in
+    cli/ticket_list.py)."""
     sub = command("tickets show", "show a ticket and its thread")
     sub.add_argument("ref", type=int, metavar="REF")
     sub.add_argument("--json", action="store_true")

@@ -7,11 +7,13 @@ only if the change that caused it is committed. Templates live in `templates/<lo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import email.policy
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
@@ -34,6 +36,7 @@ from maildesk.signing import (
     principal_of_agent,
     reply_address,
 )
+from maildesk.store.access_log import record_delivery
 from maildesk.store.files import ATTACHMENTS_DIR, content_path
 from maildesk.store.models import (
     Account,
@@ -47,6 +50,8 @@ from maildesk.store.models import (
 )
 
 LOCALES = ("fr", "en")
+# Set while a mail is filed that must notify nobody (an archive import); see silenced().
+SILENCED: contextvars.ContextVar[bool] = contextvars.ContextVar("silenced", default=False)
 # The mails that go to agents only; every other kind may reach a customer.
 _AGENT_KINDS = ("new_ticket", "followup", "agent_refused", "undeliverable")
 # Enough history for any client to thread the mail; the first id and the newest ones matter most.
@@ -134,11 +139,33 @@ class Notifier:
         locale = self._locale(account.locale)
         rendered = self._render(
             "acknowledgement", locale, ticket=ticket, account=account,
-            us_transfer=self._us_transfer(session, ticket),
+            us_transfer=self._us_transfer(session, ticket), full_notice=self._notice_due(account),
         )
         return self._enqueue(
             session, "acknowledgement", rendered, locale, _to(account.name, account.email),
             ticket=ticket, parent=message, auto="auto-replied",
+            principal=principal_of_account(account.id),  # type: ignore[arg-type]
+            automatic=True,
+        )
+
+    def tell_customer_closed(
+        self, session: Session, *, ticket: Ticket, account: Account, reason: str
+    ) -> Outbox:
+        """Tell a customer that their ticket closed itself; `reason` "no_answer" or "solved".
+
+        The mail carries their reply address: a reply within `[tickets] reopen_days` reopens it.
+        """
+        locale = self._locale(account.locale)
+        tickets = self.settings.tickets
+        days = tickets.pending_close_days if reason == "no_answer" else tickets.solved_close_days
+        rendered = self._render(
+            "closed", locale, ticket=ticket, account=account, reason=reason, days=days,
+            reopen_days=tickets.reopen_days, us_transfer=self._us_transfer(session, ticket),
+            full_notice=self._notice_due(account),
+        )
+        return self._enqueue(
+            session, "closed", rendered, locale, _to(account.name, account.email),
+            ticket=ticket, parent=None, auto="auto-generated",
             principal=principal_of_account(account.id),  # type: ignore[arg-type]
             automatic=True,
         )
@@ -166,7 +193,7 @@ class Notifier:
         locale = self._locale(account.locale)
         rendered = self._render(
             "answer", locale, ticket=ticket, account=account, agent=agent, message=message,
-            us_transfer=self._us_transfer(session, ticket),
+            us_transfer=self._us_transfer(session, ticket), full_notice=self._notice_due(account),
         )
         # The agent's own address stays private: replies must come back through the desk.
         name = f"{_one_line(agent.name)} via {_one_line(desk.name)}"
@@ -212,6 +239,7 @@ class Notifier:
         rendered = self._render(
             "too_large", locale, account=account, size_mb=f"{size / 2**20:.1f}",
             limit_mb=f"{limit / 2**20:.0f}", us_transfer=False,
+            full_notice=self._notice_due(account),
         )
         return self._enqueue(
             session, "too_large", rendered, locale, _to(account.name, account.email),
@@ -236,6 +264,36 @@ class Notifier:
                 ticket=ticket, parent=None, auto="auto-generated",
             ))
         return sent
+
+    def compose(
+        self, session: Session, kind: str, *, to_name: str, to_address: str, locale: str | None,
+        ticket: Ticket | None = None, automatic: bool = False, **context: Any,
+    ) -> Outbox:
+        """Render templates `<locale>/<kind>.*` with `context` and enqueue the mail.
+
+        For mails outside a ticket's conversation (a welcome, a copy to the DPO): no reply
+        address is issued, so an answer reaches the desk's plain address.
+        """
+        chosen = self._locale(locale)
+        context.setdefault("us_transfer", False)
+        rendered = self._render(kind, chosen, ticket=ticket, **context)
+        return self._enqueue(
+            session, kind, rendered, chosen, _to(to_name, to_address), ticket=ticket,
+            parent=None, auto="auto-generated", automatic=automatic,
+        )
+
+    def _notice_due(self, account: Account) -> bool:
+        # The full notice goes with the first mail a person gets from us if no welcome carried
+        # it (accounts created before welcomes existed): Art. 14(3)(b) at the latest.
+        if account.notice_sent_at is not None:
+            return False
+        account.notice_sent_at = utcnow()
+        return True
+
+    def warm(self) -> None:
+        """Compile every template now, so that the first mail after a start is not slowed."""
+        for name in self.env.list_templates(extensions=["j2"]):
+            self.env.get_template(name)
 
     def _agent_locale(self, agent: Agent) -> str:
         # Agents have no locale of their own: the US team reads English, the others the
@@ -266,6 +324,10 @@ class Notifier:
                 ticket=ticket, parent=message, auto="auto-generated", files=files,
                 principal=principal_of_agent(agent.id),  # type: ignore[arg-type]
             ))
+            # The access log: who received this ticket's content, when, from which region.
+            if not SILENCED.get():
+                record_delivery(session, agent=agent, ticket_id=ticket.id,  # type: ignore[arg-type]
+                                kind=kind)
         return sent
 
     def _attach(self, msg: EmailMessage, row: Attachment) -> None:
@@ -292,6 +354,7 @@ class Notifier:
     def _render(self, name: str, locale: str, **context: Any) -> _Rendered:
         ticket = context.get("ticket")
         tag = f"[#{ticket.id}]" if ticket is not None else ""
+        context.setdefault("full_notice", False)
         context.update(
             desk=self.settings.desk, privacy=self.settings.privacy, locale=locale, tag=tag,
             reply_marker=REPLY_ABOVE_MARKER,
@@ -310,6 +373,11 @@ class Notifier:
         sender: Address | None = None, files: Sequence[Attachment] = (),
         principal: str | None = None, automatic: bool = False,
     ) -> Outbox:
+        if SILENCED.get():
+            # An archive import files past mail: nobody hears of it now, and the row is kept
+            # out of the session so that nothing is ever sent.
+            return Outbox(kind=kind, message_id="", mail_from="", recipients="[]", raw=b"",
+                          ticket_id=ticket.id if ticket is not None else None)
         desk = self.settings.desk
         if not kind.startswith(_AGENT_KINDS):
             # No reply address issued to an agent may reach a customer, whatever the text
@@ -365,6 +433,16 @@ class Notifier:
         session.add(outbox)
         session.flush()
         return outbox
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Within the block, notifications are rendered but never queued."""
+    token = SILENCED.set(True)
+    try:
+        yield
+    finally:
+        SILENCED.reset(token)
 
 
 def _to(name: str, address: str) -> Address:

@@ -6,7 +6,7 @@ must stay in step with them (a test compares the two).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -76,6 +76,17 @@ class Account(SQLModel, table=True):
     locale: str = Field(default="fr", max_length=5)
     created_at: datetime = _created()
     deactivated_at: datetime | None = _when(nullable=True)
+    # The person's rights (privacy/rights.py): restricted, their data are kept but not
+    # processed; their objection, awaiting the DPO; their post-mortem directive ("keep",
+    # "erase" or "export-to" directive_address) and the day it was carried out.
+    restricted_at: datetime | None = _when(nullable=True)
+    objected_at: datetime | None = _when(nullable=True)
+    directive: str | None = Field(default=None, max_length=10)
+    directive_address: str | None = Field(default=None, max_length=320)
+    deceased_at: datetime | None = _when(nullable=True)
+    # When the full privacy notice was queued to them: with the welcome, else with their
+    # first mail from the desk.
+    notice_sent_at: datetime | None = _when(nullable=True)
 
 
 class Agent(SQLModel, table=True):
@@ -101,6 +112,15 @@ class Ticket(SQLModel, table=True):
     updated_at: datetime = _created()
     # Part of every reply address's signature: raising it revokes all addresses issued so far.
     reply_epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    # The ticket's life (store/ticket_life.py): low, normal, high or urgent; the one agent it is
+    # assigned to; when its status last changed, which the reopen and auto-close rules count
+    # from; the ticket it was merged into, and the closed ticket that it follows up.
+    priority: str = Field(default="normal", max_length=10,
+                          sa_column_kwargs={"server_default": "normal"})
+    assignee_id: int | None = Field(default=None, foreign_key="agent.id", index=True)
+    status_changed_at: datetime | None = _when(nullable=True)
+    merged_into_id: int | None = Field(default=None, foreign_key="ticket.id")
+    follows_id: int | None = Field(default=None, foreign_key="ticket.id")
 
 
 class InboundMail(SQLModel, table=True):
@@ -160,6 +180,37 @@ class Message(SQLModel, table=True):
     html: str | None = None
     inbound_mail_id: int | None = Field(default=None, foreign_key="inboundmail.id")
     created_at: datetime = _created()
+    # The rule of the chain that decided the mail (rules/chain.py), for whoever asks why.
+    rule: str | None = Field(default=None, max_length=40)
+    # An agent's note: part of the thread for the agents, never sent to the customer.
+    internal: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+
+
+class TicketWatcher(SQLModel, table=True):
+    """An agent who asked to hear of a ticket's follow-ups, assigned to them or not."""
+
+    __table_args__ = (
+        sa.UniqueConstraint("ticket_id", "agent_id", name="uq_ticketwatcher_ticket_agent"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id")
+    agent_id: int = Field(foreign_key="agent.id", index=True)
+    created_at: datetime = _created()
+
+
+class TicketFollower(SQLModel, table=True):
+    """A customer's colleague who follows their ticket: their replies land on it, answers
+    reach them too."""
+
+    __table_args__ = (
+        sa.UniqueConstraint("ticket_id", "account_id", name="uq_ticketfollower_ticket_account"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id")
+    account_id: int = Field(foreign_key="account.id", index=True)
+    created_at: datetime = _created()
 
 
 class Attachment(SQLModel, table=True):
@@ -206,6 +257,20 @@ class Outbox(SQLModel, table=True):
     deferrals: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
+class RightsRequest(SQLModel, table=True):
+    """A customer's mail that asks to exercise a right, and the day it must be answered by."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    account_id: int | None = Field(default=None, foreign_key="account.id", index=True)
+    # access, erasure, rectification, objection, restriction, portability or generic.
+    kind: str = Field(max_length=20)
+    received_at: datetime = _created()
+    # One month after receipt (GDPR Art. 12(3)), in the desk's time zone.
+    due_on: date
+    closed_at: datetime | None = _when(nullable=True)
+
+
 class AuditEvent(SQLModel, table=True):
     """Who did what to which ticket or account, and when."""
 
@@ -216,3 +281,19 @@ class AuditEvent(SQLModel, table=True):
     account_id: int | None = Field(default=None, foreign_key="account.id", index=True)
     detail: str | None = None
     at: datetime = _created()
+
+
+class DeskSecret(SQLModel, table=True):
+    """A secret that every instance of the desk shares, such as a reply key made at first use."""
+
+    name: str = Field(primary_key=True, max_length=60)
+    value: str = Field(max_length=200)
+    created_at: datetime = _created()
+
+
+class Lease(SQLModel, table=True):
+    """Work that one instance at a time does (reading a mailbox): who holds it, until when."""
+
+    name: str = Field(primary_key=True, max_length=300)
+    holder: str = Field(max_length=100)
+    until: datetime = _when()

@@ -273,16 +273,21 @@ def test_controls_in_stored_values_never_reach_the_terminal(desk: Desk) -> None:
     # The directory cleaned the company's name when it stored it; the rest was stored raw.
     company = "Client SA]0;root@desk"
     assert _cells(outputs["tickets list"]) == [
-        ["TICKET", "STATUS", "UPDATED", "REQUESTER", "COMPANY", "SUBJECT", "MESSAGES"],
-        [f"#{third}", "open", "2025-01-14 09:02", CUSTOMER, company, "Question facture", "1"],
-        [f"#{second}", "open", "2025-01-14 09:01", CUSTOMER, company,
+        ["TICKET", "STATUS", "PRIORITY", "UPDATED", "REQUESTER", "COMPANY", "ASSIGNEE",
+         "SUBJECT", "MESSAGES"],
+        # No agent exists on this desk, so nobody can see the tickets: they are unattended.
+        [f"#{third}", "open", "normal", "2025-01-14 09:02", CUSTOMER, company, "unattended",
+         "Question facture", "1"],
+        [f"#{second}", "open", "normal", "2025-01-14 09:01", CUSTOMER, company, "unattended",
          "Export PDF\\x1b[31m en erreur\\x00 \\u202ecod.exe", "1"],
-        [f"#{first}", "open", "2025-01-14 09:00", CUSTOMER, company, "Connexion impossible", "1"],
+        [f"#{first}", "open", "normal", "2025-01-14 09:00", CUSTOMER, company, "unattended",
+         "Connexion impossible", "1"],
     ]
     assert outputs["tickets show"].splitlines() == [
         f"#{second} Export PDF\\x1b[31m en erreur\\x00 \\u202ecod.exe",
         f"status: open; requester: Claire Dupont <{CUSTOMER}> ({company}); "
         "opened 2025-01-14T09:00:00+00:00",
+        "priority: normal; assignee: nobody (unattended); watchers: none; followers: none",
         "",
         f"--- 2025-01-14T09:00:00+00:00 customer Claire\\x00 Dupont <{CUSTOMER}>",
         "Bonjour,", "", "Ça échoue.\\x1b[2J", "Claire",
@@ -334,7 +339,7 @@ def test_an_unreadable_ticket_or_message_hides_no_other(desk: Desk) -> None:
     ]
     shown = desk.cli("tickets", "show", str(first))
     assert shown.code == 0, shown.err
-    assert shown.out.splitlines()[3:] == [
+    assert shown.out.splitlines()[4:] == [
         "--- (unreadable message: ValueError)",
         "",
         "--- 2025-01-14T10:00:00+00:00 agent Alice Martin <alice.martin@vendor.example>",
