@@ -26,6 +26,8 @@ from maildesk.mail.quotes import scrub_reply_addresses, strip_quoted_reply
 from maildesk.mail.worker import ParseWorker
 from maildesk.notices import Notices
 from maildesk.outbound.notify import Notifier
+from maildesk.privacy.requests import check_mail as check_rights_request
+from maildesk.privacy.rights import is_restricted
 from maildesk.rules import classify, route
 from maildesk.rules.authentication import AuthVerdict, authenticate_from
 from maildesk.runner import IntakeRunner
@@ -41,6 +43,7 @@ from maildesk.store.models import (
     Ticket,
     utcnow,
 )
+from maildesk.store.shared import desk_secret
 from maildesk.store.tickets import add_message, open_ticket
 
 log = get_logger("pipeline")
@@ -59,7 +62,9 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.reply_keys = load_reply_keys(settings, engine)
+        self.reply_keys = load_reply_keys(
+            settings, lambda make: desk_secret(engine, "reply_key", make)
+        )
         self.notifier = Notifier(settings, self.reply_keys)
         self.notices = Notices(settings, self.notifier)
         limits = settings.limits
@@ -215,10 +220,15 @@ class Pipeline:
                 text=strip_quoted_reply(mail.text), inbound_mail_id=inbound.id,
                 matched_by=found.matched_by, account=account,
             )
-            self.notifier.tell_agents_followup(
-                session, ticket=ticket, account=account, company=company,
-                message=message, agents=agents,
-            )
+            check_rights_request(session, ticket=ticket, account=account, message=message,
+                                 subject=mail.subject, received_at=inbound.received_at,
+                                 notifier=self.notifier)  # fmt: skip
+            # Under restriction, a person's data are kept but not processed: nobody is told.
+            if not is_restricted(account):
+                self.notifier.tell_agents_followup(
+                    session, ticket=ticket, account=account, company=company,
+                    message=message, agents=agents,
+                )
             return _finish(session, inbound, "followup", ticket=ticket,
                            reason=found.matched_by)
         ticket = open_ticket(session, account=account, mail=mail)
@@ -231,10 +241,14 @@ class Pipeline:
         )
         if acknowledged:
             self.notifier.acknowledge(session, ticket=ticket, account=account, message=message)
-        self.notifier.tell_agents_new_ticket(
-            session, ticket=ticket, account=account, company=company, message=message,
-            agents=agents,
-        )
+        check_rights_request(session, ticket=ticket, account=account, message=message,
+                             subject=mail.subject, received_at=inbound.received_at,
+                             notifier=self.notifier)  # fmt: skip
+        if not is_restricted(account):
+            self.notifier.tell_agents_new_ticket(
+                session, ticket=ticket, account=account, company=company, message=message,
+                agents=agents,
+            )
         note = "released" if released else None if acknowledged else "not acknowledged"
         return _finish(session, inbound, "ticket", ticket=ticket, reason=note)
 
@@ -279,6 +293,13 @@ class Pipeline:
         assert ticket is not None
         account = session.get(Account, ticket.account_id)
         assert account is not None
+        if agent.region.upper() == "US" and is_restricted(account):
+            # Nothing of a person under restriction goes to the US.
+            refusal = "US agent on the ticket of a person whose data are restricted"
+            self.notices.refuse_agent_mail(session, agent, reason=refusal, ticket=ticket, now=now)
+            session.add(AuditEvent(actor=agent.email, action="agent.refused",
+                                   ticket_id=ticket.id, detail=json.dumps({"reason": refusal})))
+            return _finish(session, inbound, "quarantined", reason=refusal)
         _persist(session, inbound)
         # The quoted history goes, and any reply address of ours left in what remains: no
         # address issued to an agent may reach the customer.

@@ -14,12 +14,11 @@ import hmac
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from hashlib import sha256
 from pathlib import Path
-
-import sqlalchemy as sa
 
 from maildesk.config import Settings
 
@@ -113,10 +112,15 @@ def verify_reply_token(
     return hmac.compare_digest(token.mac, _mac(key, token.ticket_id, epoch, principal))
 
 
-def load_reply_keys(settings: Settings, engine: sa.Engine | None = None) -> ReplyKeyring:
-    """The configured keyring, else the desk's single key: kept in the database, which every
-    instance shares (made at first use, or taken over from an older state_dir/reply.key);
-    without a database at hand, in state_dir/reply.key.
+# Given a function that makes a new key, the desk's key as kept where every instance reads it
+# (the database: see store/shared.py); signing itself stays free of any store.
+SharedKey = Callable[[Callable[[], str]], str]
+
+
+def load_reply_keys(settings: Settings, shared_key: SharedKey | None = None) -> ReplyKeyring:
+    """The configured keyring, else the desk's single key: the shared one when `shared_key`
+    is given (made at first use, or taken over from an older state_dir/reply.key), else the
+    one kept in state_dir/reply.key.
     """
     security = settings.security
     if security.reply_keys:
@@ -127,9 +131,7 @@ def load_reply_keys(settings: Settings, engine: sa.Engine | None = None) -> Repl
         )
     if security.reply_key is not None:
         return ReplyKeyring(ReplyKey(SINGLE_KEY_ID, security.reply_key.get_secret_value().encode()))
-    if engine is not None:
-        from maildesk.store.shared import desk_secret
-
+    if shared_key is not None:
         legacy = settings.desk.state_dir / "reply.key"
 
         def make() -> str:
@@ -138,8 +140,7 @@ def load_reply_keys(settings: Settings, engine: sa.Engine | None = None) -> Repl
                 return legacy.read_bytes().strip().decode()
             return secrets.token_hex(32)
 
-        shared = desk_secret(engine, "reply_key", make).encode()
-        return ReplyKeyring(ReplyKey(SINGLE_KEY_ID, shared))
+        return ReplyKeyring(ReplyKey(SINGLE_KEY_ID, shared_key(make).encode()))
     return ReplyKeyring(ReplyKey(SINGLE_KEY_ID, _state_key(settings.desk.state_dir)))
 
 

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 
+from maildesk import metrics
 from maildesk.logs import get_logger
-from maildesk.ops import metrics
 from maildesk.store.intake import Accepted, Arrival
 
 log = get_logger("group_commit")
