@@ -38,11 +38,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             came_in: dict[str, int] = dict(conn.execute(
                 sa.select(inbound.outcome, sa.func.count())
                 .where(inbound.received_at >= since).group_by(inbound.outcome)
-            ).tuples().all())  # fmt: skip
+            ).all())  # fmt: skip
             went_out: dict[str, int] = dict(conn.execute(
                 sa.select(outbox.status, sa.func.count())
                 .where(outbox.created_at >= since).group_by(outbox.status)
-            ).tuples().all())  # fmt: skip
+            ).all())  # fmt: skip
     finally:
         engine.dispose()
     if args.json:

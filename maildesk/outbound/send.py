@@ -52,7 +52,7 @@ from maildesk.outbound.transport import (
     describe,
     refusals,
 )
-from maildesk.store.models import Outbox, utcnow
+from maildesk.store.models import Agent, Company, Outbox, Ticket, utcnow
 from maildesk.store.queue import Clock, Queue, QueueWorker, backoff
 
 log = get_logger("send")
@@ -91,6 +91,13 @@ class SendReport:
     sent: int = 0
     retried: int = 0
     failed: int = 0
+
+
+def _safe_recipients(row: Any) -> list[str]:
+    try:
+        return [a.lower() for a in _recipients(row.recipients)]
+    except PermanentFailure:
+        return []
 
 
 def _recipients(text: str) -> list[str]:
@@ -136,6 +143,7 @@ class OutboxSender:
         self.clock = clock
         self.on_give_up = on_give_up
         self.queue = QueueWorker(engine, OUTBOX_QUEUE, owner=owner, lease=lease, clock=clock)
+        self._withheld: set[int] = set()
         self._ssl_context: ssl.SSLContext | None = None
 
     def _now(self) -> datetime:
@@ -167,7 +175,35 @@ class OutboxSender:
             size, columns, where=_ROW.id.not_in(skip) if skip else None,
             alone=_ROW.attempts > _ROW.deferrals,
         )  # fmt: skip
-        return [claim.row for claim in claims]
+        rows = [claim.row for claim in claims]
+        self._withheld = self._us_restricted(rows)
+        return rows
+
+    def _us_restricted(self, rows: list[Any]) -> set[int]:
+        """The claimed rows that would carry a ticket's content to a US agent whose company
+        has no after-hours support now, whatever held when they were queued."""
+        candidates = {row.id: row for row in rows if row.ticket_id is not None}
+        if not candidates:
+            return set()
+        ticket = Ticket.metadata.tables["ticket"].c
+        company = Company.metadata.tables["company"].c
+        agent = Agent.metadata.tables["agent"].c
+        with self.engine.connect() as conn:
+            open_to_us = dict(conn.execute(
+                sa.select(ticket.id, company.after_hours)
+                .join_from(Ticket.metadata.tables["ticket"], Company.metadata.tables["company"],
+                           ticket.company_id == company.id)
+                .where(ticket.id.in_({row.ticket_id for row in candidates.values()}))
+            ).all())  # fmt: skip
+            addresses = {a for row in candidates.values() for a in _safe_recipients(row)}
+            us_agents = set(conn.execute(
+                sa.select(agent.email).where(agent.email.in_(addresses), agent.region == "us")
+            ).scalars()) if addresses else set()  # fmt: skip
+        return {
+            row_id for row_id, row in candidates.items()
+            if not open_to_us.get(row.ticket_id, False)
+            and any(a.lower() in us_agents for a in _safe_recipients(row))
+        }  # fmt: skip
 
     def _record(
         self, results: list[tuple[Any, dict[str, Any], str | None]], renew: list[int] | None = None
@@ -283,6 +319,11 @@ class OutboxSender:
         try:
             recipients = _recipients(row.recipients)
             fields["recipients"] = len(recipients)
+            if row.id in self._withheld:
+                # Decided when it was queued, undone since: the company dropped after-hours
+                # support, or the agent moved to the US. The rule holds for queued mail too.
+                raise PermanentFailure("withheld: a US agent on a company without after-hours "
+                                       "support")
             # Claims that ended without an outcome; the first may have been a neighbour's.
             crashes = row.attempts - 1 - row.deferrals
             if crashes > CRASHES_BEFORE_FAILED:
