@@ -11,9 +11,9 @@ from conftest import MARC, SHARED, Scene
 from e2e import AGENT, CUSTOMER, US_AGENT
 from sqlmodel import Session, select
 
-from maildesk.store.access_log import record_delivery, record_read
 from maildesk.privacy.export import ExportError, write_export
 from maildesk.store import database, directory
+from maildesk.store.access_log import record_delivery, record_read
 from maildesk.store.models import AuditEvent
 
 
