@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from datetime import date
+from datetime import date, time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,6 +26,7 @@ from pydantic import (
 
 DEFAULT_CONFIG_PATH = "config.toml"
 CONFIG_ENV_VAR = "MAILDESK_CONFIG"
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 # A secret file's path may start with this, for systemd's credentials directory.
 CREDENTIALS_PLACEHOLDER = "%d"
 
@@ -237,6 +238,26 @@ class TicketsSettings(_Section):
     # days, with a short notice to the customer; a solved one after solved_close_days.
     pending_close_days: Annotated[int, Field(ge=1)] = 7
     solved_close_days: Annotated[int, Field(ge=1)] = 3
+    # Which tickets US agents hear of, within the US rule (a company without after-hours support
+    # never reaches them): "always", or "outside_office_hours" for only the tickets that arrive
+    # when the EU desk is closed: before office_opens, from office_closes on, or on a day not in
+    # office_days, in the desk's time zone. A US agent who is assigned or watches a ticket
+    # hears of it either way.
+    us_agents: Literal["always", "outside_office_hours"] = "always"
+    office_opens: time = time(9, 0)
+    office_closes: time = time(18, 0)
+    office_days: list[Weekday] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"]  # type: ignore[arg-type]
+    )
+
+    @model_validator(mode="after")
+    def _office_hours_in_order(self) -> TicketsSettings:
+        if self.office_opens >= self.office_closes:
+            raise ValueError(
+                f"office_closes ({self.office_closes}) must come after office_opens "
+                f"({self.office_opens})"
+            )
+        return self
 
 
 class LogSettings(_Section):
@@ -309,6 +330,8 @@ _TYPE_WORDS = {
     "model_type": "a table",
     "list_type": "a list",
     "path_type": "a path (a string)",
+    "time_type": "a time of day (09:00:00, or \"09:00\")",
+    "time_parsing": "a time of day (09:00:00, or \"09:00\")",
 }
 
 

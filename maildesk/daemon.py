@@ -23,6 +23,7 @@ from maildesk.config import Settings
 from maildesk.ingress.fetch import LEASE_SECONDS, ImapFetcher
 from maildesk.ingress.group_commit import GroupCommit
 from maildesk.ingress.listen import Listener, ListenerError
+from maildesk.lifecycle import run_ticket_clock
 from maildesk.logs import get_logger
 from maildesk.mail.message import Delivery
 from maildesk.metrics import serve_metrics
@@ -68,6 +69,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
         asyncio.create_task(pipeline.runner.run(stop, stored), name="runner"),
     ]
     tasks.append(asyncio.create_task(_retention_later(settings, engine, stop), name="retention"))
+    tasks.append(asyncio.create_task(
+        run_ticket_clock(settings, engine, stop, notifier=pipeline.notifier), name="ticket-clock"
+    ))
     if settings.imap.enabled:
         imap = settings.imap
         mailbox_name = f"imap:{imap.host}:{imap.port}:{imap.username}:{imap.folder}"

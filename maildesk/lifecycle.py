@@ -56,6 +56,9 @@ def close_due_tickets(
             col(Ticket.status_changed_at).is_not(None),
             col(Ticket.status_changed_at) <= soonest,
         ).order_by(col(Ticket.id))
+        # Several instances may run the clock at once on PostgreSQL: each ticket is closed, and
+        # its customer told, by one of them (SQLite has one writer and ignores the clause).
+        .with_for_update(skip_locked=True)
     ).all()
     notices = Notices(settings, notifier)
     closed = []
@@ -106,12 +109,15 @@ def run_clock_once(
 async def run_ticket_clock(
     settings: Settings, engine: sa.Engine, stop: asyncio.Event, *,
     clock: Callable[[], datetime] = utcnow, interval: float = 3600,
+    notifier: Notifier | None = None,
 ) -> None:
     """Close due tickets now and then every `interval` seconds until `stop` is set.
 
-    A failed pass (the store unavailable, say) is logged and the next one tries again.
+    A failed pass (the store unavailable, say) is logged and the next one tries again. The
+    daemon hands in the pipeline's notifier, whose reply addresses are signed with the key that
+    every instance shares.
     """
-    notifier = Notifier(settings, load_reply_keys(settings))
+    notifier = notifier or Notifier(settings, load_reply_keys(settings))
     while not stop.is_set():
         try:
             await asyncio.to_thread(run_clock_once, settings, engine, notifier, clock())

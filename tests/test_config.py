@@ -73,6 +73,13 @@ def test_relative_state_dir_is_taken_from_the_config_directory(tmp_path: Path) -
         ),
         ("[imap]\nenabled = true\npassword = \"p\"\n", "config.toml: [imap] username: missing"),
         ("desk = 3\n", "config.toml: [desk]: expected a table, got 3"),
+        ('[tickets]\noffice_opens = "9h"\n',
+         'config.toml: [tickets] office_opens: expected a time of day (09:00:00, or "09:00"), '
+         'got "9h"'),
+        ('[tickets]\noffice_days = ["mon", "lundi"]\n',
+         'config.toml: [tickets] office_days.1: expected one of "mon", "tue"'),
+        ("[tickets]\noffice_opens = 18:00:00\noffice_closes = 09:00:00\n",
+         "config.toml: [tickets]: office_closes (09:00:00) must come after office_opens"),
         ("[desk\n", "config.toml: not valid TOML"),
     ],
 )

@@ -86,11 +86,13 @@ def test_a_thousand_random_steps_never_give_a_us_agent_a_company_without_after_h
         elif action in ("answer", "command"):
             address = reply_address(pipeline.reply_keys, DESK, ticket_id,
                                     principal_of_agent(us_agent.id))  # type: ignore[arg-type]
-            text = "#close\n\nC'est réglé." if action == "command" else "Voici la réponse."
-            mail = customer_mail(sender=US_AGENT, to=address, subject=f"Re: [#{ticket_id}]",
-                                 text=text)  # fmt: skip
             with Session(engine) as session:
                 before = session.get(Ticket, ticket_id).status  # type: ignore[union-attr]
+            # A command that the ticket accepts, so that only the US rule can refuse it.
+            command = "#open" if before == "closed" else "#close"
+            text = f"{command}\n\nC'est réglé." if action == "command" else "Voici la réponse."
+            mail = customer_mail(sender=US_AGENT, to=address, subject=f"Re: [#{ticket_id}]",
+                                 text=text)  # fmt: skip
             outcome = pipeline.process(mail.as_bytes(), SMTP)
             with Session(engine) as session:
                 after = session.get(Ticket, ticket_id).status  # type: ignore[union-attr]

@@ -29,6 +29,7 @@ from maildesk.config import Settings
 from maildesk.mail.htmltext import clean_text
 from maildesk.mail.quotes import REPLY_ABOVE_MARKER, scrub_reply_addresses
 from maildesk.rules.classify import LOOP_HEADER
+from maildesk.rules.commands import valid_commands_help
 from maildesk.rules.limits import mailbox_key
 from maildesk.signing import (
     ReplyKeyring,
@@ -300,6 +301,10 @@ class Notifier:
         # desk's language.
         return "en" if agent.region.upper() == "US" else self.settings.desk.locale
 
+    def agent_locale(self, agent: Agent) -> str:
+        """The language an agent reads: English for the US team, else the desk's."""
+        return self._agent_locale(agent)
+
     def _tell_agents(
         self, session: Session, kind: str, ticket: Ticket, account: Account, company: Company,
         message: Message, agents: list[Agent],
@@ -312,12 +317,15 @@ class Notifier:
         # Agents get the files themselves, not only their names: they answer from their mail
         # client and have nowhere else to open them.
         files = _attachment_rows(session, message)
+        # The agent's copy shows whom the ticket is assigned to, and how to work it by mail.
+        assignee = session.get(Agent, ticket.assignee_id) if ticket.assignee_id else None
         sent = []
         for agent in agents:
             locale = self._agent_locale(agent)
             rendered = self._render(
                 kind, locale, ticket=ticket, account=account, company=company, message=message,
-                agent=agent, attachments=attachments,
+                agent=agent, attachments=attachments, assignee=assignee,
+                commands_help=valid_commands_help(locale).splitlines()[0],
             )
             sent.append(self._enqueue(
                 session, kind, rendered, locale, _to(agent.name, agent.email),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 from sqlmodel import Session
@@ -13,10 +14,14 @@ from maildesk.store.models import Account, Agent, Attachment, AuditEvent, Messag
 MAX_SUBJECT = 998
 
 
-def open_ticket(session: Session, *, account: Account, mail: ParsedMail) -> Ticket:
-    """A new ticket for `account`, titled after the mail's subject."""
+def open_ticket(
+    session: Session, *, account: Account, mail: ParsedMail, now: datetime | None = None
+) -> Ticket:
+    """A new ticket for `account`, titled after the mail's subject, opened `now`."""
     subject = " ".join(mail.subject.split())[:MAX_SUBJECT] or "(no subject)"
-    ticket = Ticket(subject=subject, account_id=account.id, company_id=account.company_id)  # type: ignore[arg-type]
+    opened = now or utcnow()
+    ticket = Ticket(subject=subject, account_id=account.id, company_id=account.company_id,  # type: ignore[arg-type]
+                    created_at=opened, updated_at=opened)
     session.add(ticket)
     session.flush()
     session.add(
@@ -74,8 +79,9 @@ def add_message(
                 content_id=part.content_id,
             )
         )
+    # The status is ticket life's (store/ticket_life.py), changed by the pipeline's actions with
+    # an audit event each: storing a message only says that the ticket moved.
     ticket.updated_at = utcnow()
-    ticket.status = "answered" if agent is not None else "open"
     session.add(ticket)
     session.add(
         AuditEvent(

@@ -135,7 +135,8 @@ def test_accounts(desk: Desk) -> None:
                            "--on", "2026-01-15")
     assert deactivated.code == 0
     shown = json.loads(desk.cli("accounts", "show", "claire.martin@client.example", "--json").out)
-    assert shown["deactivated_at"] == "2026-01-15T00:00:00+00:00"
+    # The date is the desk's (Europe/Paris): 15 January begins at 23:00 UTC on the 14th.
+    assert shown["deactivated_at"] == "2026-01-14T23:00:00+00:00"
     assert shown["active"] is False
     bad_date = desk.cli("accounts", "deactivate", "claire.martin@client.example", "--on", "soon")
     assert bad_date.code == 2

@@ -23,10 +23,34 @@ DPO = "dpo@neocasesoftware.com"
 
 
 def _file(pipeline: Pipeline, subject: str, text: str) -> int:
+    """File a mail, and take back what the pipeline's own check marked, so that `_check` can
+    replay that check at a chosen time."""
     ticket_id = pipeline.process(customer_mail(subject=subject, text=text).as_bytes(),
                                  SMTP).ticket_id
     assert ticket_id is not None
+    with database.session_scope(pipeline.engine) as session:
+        for request in session.exec(select(RightsRequest).where(
+                RightsRequest.ticket_id == ticket_id)):  # fmt: skip
+            session.delete(request)
+        for copy in session.exec(select(Outbox).where(Outbox.kind == "dpo_rights_request")):
+            session.delete(copy)
+        for event in session.exec(select(AuditEvent).where(
+                AuditEvent.action == "privacy.request")):  # fmt: skip
+            session.delete(event)
     return ticket_id
+
+
+def test_the_pipeline_marks_a_request_that_comes_by_mail(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    outcome = pipeline.process(customer_mail(
+        subject="Demande RGPD", text="Merci de supprimer mes données personnelles.").as_bytes(),
+        SMTP)  # fmt: skip
+    with Session(engine) as session:
+        [request] = session.exec(select(RightsRequest)).all()
+        copies = session.exec(select(Outbox).where(Outbox.kind == "dpo_rights_request")).all()
+    assert (request.ticket_id, request.kind) == (outcome.ticket_id, "erasure")
+    assert [json.loads(c.recipients) for c in copies] == [[DPO]]
 
 
 def _check(pipeline: Pipeline, engine: sa.Engine, ticket_id: int, subject: str,

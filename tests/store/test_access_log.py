@@ -7,7 +7,7 @@ import json
 
 import pytest
 import sqlalchemy as sa
-from e2e import CUSTOMER, US_AGENT, customer_mail
+from e2e import AGENT, CUSTOMER, US_AGENT, customer_mail
 from sqlmodel import Session, select
 
 from maildesk.cli import main as cli_main
@@ -62,12 +62,17 @@ def test_a_delivery_names_the_agent_the_ticket_the_kind_and_the_region(
 ) -> None:
     ticket = pipeline.process(customer_mail().as_bytes(), SMTP).ticket_id
     assert ticket is not None
+    # The notifier recorded the EU agent's copy of the new ticket (the company has no
+    # after-hours support, so the US agent got none).
+    [notified] = _events(engine, DELIVERY)
+    assert (notified.actor, notified.ticket_id) == (AGENT, ticket)
+    assert json.loads(notified.detail or "") == {"kind": "new_ticket", "region": "eu"}
     with database.session_scope(engine) as session:
         agent = directory.find_agent(session, US_AGENT)
         assert agent is not None
         record_delivery(session, agent=agent, ticket_id=ticket, kind="new_ticket")
-    [event] = _events(engine, DELIVERY)
-    assert (event.actor, event.ticket_id) == (US_AGENT, ticket)
+    [event] = [e for e in _events(engine, DELIVERY) if e.actor == US_AGENT]
+    assert event.ticket_id == ticket
     assert json.loads(event.detail or "") == {"kind": "new_ticket", "region": "us"}
     assert event.account_id is not None
 
