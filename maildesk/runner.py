@@ -166,10 +166,17 @@ class IntakeRunner:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(str(exc)) from exc
         row_id = accepted.inbound_id
-        for _ in range(FAILURES_BEFORE_QUARANTINE + 1):
-            if self._row(row_id).outcome != RECEIVED:
+        tries = 0
+        # Another instance (or thread) may hold the mail's claim: its outcome is theirs to
+        # write, and this call waits for it, up to the length of a claim's lease.
+        deadline = time.monotonic() + LEASE.total_seconds()
+        while self._row(row_id).outcome == RECEIVED and tries <= FAILURES_BEFORE_QUARANTINE:
+            if self.file_batch(only=[row_id]):
+                tries += 1
+            elif time.monotonic() > deadline:
                 break
-            self.file_batch(only=[row_id])
+            else:
+                time.sleep(0.01)
         row = self._row(row_id)
         if accepted.duplicate:
             return Outcome(row_id, "duplicate", row.ticket_id, row.outcome)
