@@ -36,6 +36,14 @@ SECRET_ENV_VARS = {
     ("imap", "password"): "MAILDESK_IMAP_PASSWORD",
     ("smtp", "password"): "MAILDESK_SMTP_PASSWORD",
     ("security", "reply_key"): "MAILDESK_REPLY_KEY",
+    # XOAUTH2's credentials are read the same ways (the client id is no secret, but is handed
+    # over with the others).
+    ("imap", "oauth2_client_id"): "MAILDESK_IMAP_OAUTH2_CLIENT_ID",
+    ("imap", "oauth2_client_secret"): "MAILDESK_IMAP_OAUTH2_CLIENT_SECRET",
+    ("imap", "oauth2_refresh_token"): "MAILDESK_IMAP_OAUTH2_REFRESH_TOKEN",
+    ("smtp", "oauth2_client_id"): "MAILDESK_SMTP_OAUTH2_CLIENT_ID",
+    ("smtp", "oauth2_client_secret"): "MAILDESK_SMTP_OAUTH2_CLIENT_SECRET",
+    ("smtp", "oauth2_refresh_token"): "MAILDESK_SMTP_OAUTH2_REFRESH_TOKEN",
 }
 
 
@@ -100,7 +108,55 @@ class StoreSettings(_Section):
     url: str | None = None
 
 
-class ImapSettings(_Section):
+class _LoginSettings(_Section):
+    """The login keys that [imap] and [smtp] share: a password, or XOAUTH2's credentials."""
+
+    # "xoauth2" logs in with an OAuth 2.0 access token (Gmail, Microsoft 365), which maildesk
+    # gets from oauth2_token_url with the refresh token; the password is then not used.
+    auth: Literal["password", "xoauth2"] = "password"
+    oauth2_token_url: str | None = None
+    oauth2_client_id: str | None = None
+    oauth2_client_id_file: FilePath | None = None
+    # A public client (one registered without a secret, as Microsoft allows) has none.
+    oauth2_client_secret: SecretStr | None = None
+    oauth2_client_secret_file: FilePath | None = None
+    oauth2_refresh_token: SecretStr | None = None
+    oauth2_refresh_token_file: FilePath | None = None
+    # Sent with each refresh when set: Microsoft's endpoint wants the scopes named again.
+    oauth2_scope: str | None = None
+
+    @field_validator("oauth2_token_url")
+    @classmethod
+    def _web_address(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f'expected an https:// URL, got "{value}"')
+        return value
+
+    def _xoauth2_missing(self, section: str) -> _KeyProblem | None:
+        """The first XOAUTH2 key that auth = "xoauth2" needs and lacks, as a problem."""
+        if self.auth != "xoauth2":
+            return None
+        if self.oauth2_token_url is None:
+            return _KeyProblem(
+                (section, "oauth2_token_url"),
+                'missing required value (auth = "xoauth2"): the token endpoint, such as '
+                "https://oauth2.googleapis.com/token",
+            )
+        for key, value in (
+            ("oauth2_client_id", self.oauth2_client_id),
+            ("oauth2_refresh_token", self.oauth2_refresh_token),
+        ):
+            if value is None:
+                env_var = SECRET_ENV_VARS[(section, key)]
+                return _KeyProblem(
+                    (section, key),
+                    f'missing required value (auth = "xoauth2"): set {key}, {key}_file '
+                    f"or {env_var}",
+                )
+        return None
+
+
+class ImapSettings(_LoginSettings):
     """[imap]: the mailbox that maildesk reads."""
 
     enabled: bool = False
@@ -132,7 +188,7 @@ class ListenerSettings(_Section):
     data_timeout_seconds: Annotated[int, Field(ge=1)] = 600
 
 
-class SmtpSettings(_Section):
+class SmtpSettings(_LoginSettings):
     """[smtp]: how outgoing mail leaves."""
 
     transport: Literal["smtp", "maildir"] = "maildir"
@@ -149,6 +205,17 @@ class SmtpSettings(_Section):
     # The first retry's wait after a temporary failure, doubling up to retry_most_seconds.
     retry_first_seconds: Annotated[float, Field(gt=0, strict=False)] = 60.0
     retry_most_seconds: Annotated[float, Field(gt=0, strict=False)] = 3600.0
+
+    @model_validator(mode="after")
+    def _xoauth2_needs_credentials(self) -> SmtpSettings:
+        if self.transport != "smtp" or self.auth != "xoauth2":
+            return self
+        if not self.username:
+            raise _KeyProblem(("smtp", "username"), 'missing required value (auth = "xoauth2")')
+        problem = self._xoauth2_missing("smtp")
+        if problem is not None:
+            raise problem
+        return self
 
 
 class PrivacySettings(_Section):
@@ -293,12 +360,17 @@ class Settings(_Section):
     def _imap_needs_credentials(self) -> Settings:
         if self.imap.enabled and not self.imap.username:
             raise _KeyProblem(("imap", "username"), "missing required value (imap is enabled)")
-        if self.imap.enabled and self.imap.password is None:
+        if not self.imap.enabled:
+            return self
+        if self.imap.auth == "password" and self.imap.password is None:
             raise _KeyProblem(
                 ("imap", "password"),
                 "missing required value (imap is enabled): set password, password_file "
                 "or MAILDESK_IMAP_PASSWORD",
             )
+        problem = self.imap._xoauth2_missing("imap")
+        if problem is not None:
+            raise problem
         return self
 
     @property

@@ -21,7 +21,7 @@ from typing import Protocol
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from maildesk import metrics
+from maildesk import metrics, oauth2
 from maildesk.config import ImapSettings
 from maildesk.ingress.imap import ImapConnection
 from maildesk.logs import get_logger
@@ -76,7 +76,7 @@ class ImapFetcher:
         mailbox, takes or renews this instance's lease on it (False: another holds it).
         Connects lazily.
         """
-        if not settings.username or settings.password is None:
+        if not settings.username or (settings.auth == "password" and settings.password is None):
             raise ValueError("IMAP needs a username and a password")
         if settings.folder in (settings.processed_folder, settings.quarantine_folder):
             # Moving a mail into the folder it came from would loop forever.
@@ -107,8 +107,19 @@ class ImapFetcher:
         try:
             if settings.tls == "starttls":
                 client.starttls(context)
-            assert settings.username is not None and settings.password is not None
-            client.login(settings.username, settings.password.get_secret_value())
+            user = settings.username
+            assert user is not None
+            if settings.auth == "xoauth2":
+                try:
+                    oauth2.imap_login(client, user, oauth2.source_for(settings))
+                except oauth2.TokenError as exc:
+                    # Refused: the operator must fix the credentials, as for a bad password;
+                    # unreachable: retried with backoff, as for a server that is down.
+                    log.error("imap.oauth2_failed", user=user, reason=str(exc))
+                    raise (LoginError if exc.refused else ConnectionError)(str(exc)) from None
+            else:
+                assert settings.password is not None
+                client.login(user, settings.password.get_secret_value())
             conn = ImapConnection(client, settings)
             conn.use_move = self._can_move(client)
             conn.ensure_folders()

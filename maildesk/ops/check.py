@@ -29,6 +29,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 from sqlmodel import Session, col, select
 
+from maildesk import oauth2
 from maildesk.config import ImapSettings, Settings
 from maildesk.ingress.imap import ImapConnection
 from maildesk.ops.messages import TRUST_WARNING
@@ -172,11 +173,17 @@ def probe_imap(settings: Settings) -> list[Finding]:
     except (OSError, IMAPClientError) as exc:
         return [Finding("FAIL", "imap", f"cannot connect to {where}: {_reason(exc)}")]
     try:
-        assert imap.username is not None and imap.password is not None  # Checked by config.
+        assert imap.username is not None  # Checked by config, as the password or oauth2 keys.
         try:
-            client.login(imap.username, imap.password.get_secret_value())
+            if imap.auth == "xoauth2":
+                oauth2.imap_login(client, imap.username, oauth2.source_for(imap))
+            else:
+                assert imap.password is not None
+                client.login(imap.username, imap.password.get_secret_value())
         except LoginError:
             return [Finding("FAIL", "imap", f"login refused for user {imap.username}")]
+        except oauth2.TokenError as exc:
+            return [Finding("FAIL", "imap", f"no access token for user {imap.username}: {exc}")]
         conn = ImapConnection(client, imap)
         if not client.folder_exists(conn.folder):
             return [Finding("FAIL", "imap", f"the watched folder {conn.folder} does not exist")]
@@ -230,9 +237,13 @@ def _smtp_session(settings: Settings) -> Iterator[str]:
         if cfg.username:
             if not client.has_extn("auth"):
                 raise smtplib.SMTPNotSupportedError("the relay offers no AUTH")
-            secret = cfg.password.get_secret_value() if cfg.password else ""
-            client.login(cfg.username, secret)
-            yield f"AUTH as {cfg.username}"
+            if cfg.auth == "xoauth2":
+                oauth2.smtp_login(client, cfg.username, oauth2.source_for(cfg))
+                yield f"AUTH XOAUTH2 as {cfg.username}"
+            else:
+                secret = cfg.password.get_secret_value() if cfg.password else ""
+                client.login(cfg.username, secret)
+                yield f"AUTH as {cfg.username}"
         client.quit()
     finally:
         client.close()
@@ -251,6 +262,8 @@ def probe_relay(settings: Settings) -> list[Finding]:
     except smtplib.SMTPAuthenticationError as exc:
         return [Finding("FAIL", "relay", f"login refused for user {cfg.username}: "
                         f"{reply_text(exc.smtp_code, exc.smtp_error)}")]  # fmt: skip
+    except oauth2.TokenError as exc:
+        return [Finding("FAIL", "relay", f"no access token for user {cfg.username}: {exc}")]
     except smtplib.SMTPResponseException as exc:
         step = f"after {done[-1]}" if done else "on connecting"
         return [Finding("FAIL", "relay", f"{where} refused {step}: "
@@ -261,7 +274,8 @@ def probe_relay(settings: Settings) -> list[Finding]:
     steps = ", ".join(done[1:])
     findings = [Finding("ok", "relay", f"{where} answered {steps}, QUIT; no mail sent")]
     if cfg.username and cfg.tls == "none":
-        findings.append(Finding("warn", "relay", "the password travels in clear ([smtp] tls "
+        secret = "access token" if cfg.auth == "xoauth2" else "password"
+        findings.append(Finding("warn", "relay", f"the {secret} travels in clear ([smtp] tls "
                                 "= \"none\"); use starttls or ssl"))  # fmt: skip
     return findings
 

@@ -15,6 +15,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
+from maildesk import oauth2
 from maildesk.config import Settings
 
 
@@ -67,12 +68,17 @@ class SmtpTransport:
             try:
                 if cfg.tls == "starttls":
                     client.starttls(context=self._tls_context())
-                if cfg.username:
+                if cfg.username and cfg.auth == "xoauth2":
+                    oauth2.smtp_login(client, cfg.username, oauth2.source_for(cfg))
+                elif cfg.username:
                     secret = cfg.password.get_secret_value() if cfg.password else ""
                     client.login(cfg.username, secret)
             except BaseException:
                 client.close()
                 raise
+        # No access token is no fault of the mail either: the endpoint may be down for now.
+        except oauth2.TokenError as exc:
+            raise Unreachable(f"connect: no access token: {exc}") from None
         # A refusal here (a bad login, say) is no fault of the mail, so it is never permanent.
         except smtplib.SMTPResponseException as exc:
             raise Unreachable(f"connect: {reply_text(exc.smtp_code, exc.smtp_error)}") from None
