@@ -40,7 +40,10 @@ def test_the_endpoint_counts_mails_in_and_out_and_shows_the_queues(
         deadline = time.monotonic() + 10
         while True:
             samples = scrape(port)
-            if samples.get(("maildesk_send_results_total", (("result", "sent"),))) == 2:
+            # The sender counts a mail when the relay took it and records it sent a group at a
+            # time just after: both are waited for.
+            if (samples.get(("maildesk_send_results_total", (("result", "sent"),))) == 2
+                    and samples.get(("maildesk_queue_depth", (("queue", "outbox"),))) == 0):
                 break
             assert time.monotonic() < deadline, samples
             time.sleep(0.05)
