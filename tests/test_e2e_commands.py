@@ -24,6 +24,16 @@ def text_of(mail: RecordedMail) -> str:
     return mail.message.get_body(("plain",)).get_content()  # type: ignore[no-any-return]
 
 
+def agent_reply(notification: RecordedMail, text: str) -> EmailMessage:
+    """An agent's reply from their own client to the Reply-To of the copy they got."""
+    parsed = message_from_bytes(notification.raw, policy=policy.default)
+    reply = customer_mail(sender=AGENT, to=str(parsed["Reply-To"].addresses[0].addr_spec),
+                          subject="Re: [#1] Export PDF en erreur", text=text)
+    del reply["From"]
+    reply["From"] = f"Alice Martin <{AGENT}>"
+    return reply
+
+
 def test_an_agent_assigns_prioritises_and_answers_in_one_reply(
     tmp_path: Path, smtp_server: RecordingSMTPServer
 ) -> None:
@@ -32,16 +42,11 @@ def test_an_agent_assigns_prioritises_and_answers_in_one_reply(
         send(desk, customer_mail())
         [notification] = smtp_server.wait_for(count=1, timeout=30,
                                               predicate=lambda m: m.rcpt_tos == [AGENT])
-        parsed = message_from_bytes(notification.raw, policy=policy.default)
-        reply_to = str(parsed["Reply-To"].addresses[0].addr_spec)
         smtp_server.wait_for(count=1, timeout=30, predicate=lambda m: m.rcpt_tos == [CUSTOMER])
         smtp_server.clear()
 
-        reply = customer_mail(sender=AGENT, to=reply_to, subject="Re: [#1] Export PDF en erreur",
-                              text="#assign me\n#priority high\n\nMerci, nous regardons.")
-        del reply["From"]
-        reply["From"] = f"Alice Martin <{AGENT}>"
-        send(desk, reply)
+        send(desk, agent_reply(notification,
+                               "#assign me\n#priority high\n\nMerci, nous regardons."))
 
         [answer] = smtp_server.wait_for(count=1, timeout=30,
                                         predicate=lambda m: m.rcpt_tos == [CUSTOMER])
@@ -59,16 +64,6 @@ def test_an_agent_assigns_prioritises_and_answers_in_one_reply(
         assert "Priorité : haute" in confirmed and "Assignée à : Alice Martin" in confirmed
         assert [m.author_kind for m in desk.messages(1)] == ["customer", "agent"]
         assert desk.messages(1)[1].rule == "agent-commands"
-
-
-def agent_reply(notification: RecordedMail, text: str) -> EmailMessage:
-    """An agent's reply from their own client to the Reply-To of the copy they got."""
-    parsed = message_from_bytes(notification.raw, policy=policy.default)
-    reply = customer_mail(sender=AGENT, to=str(parsed["Reply-To"].addresses[0].addr_spec),
-                          subject="Re: [#1] Export PDF en erreur", text=text)
-    del reply["From"]
-    reply["From"] = f"Alice Martin <{AGENT}>"
-    return reply
 
 
 def test_a_wrong_command_is_refused_and_a_pending_ticket_closes_in_the_running_daemon(
