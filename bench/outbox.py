@@ -28,7 +28,7 @@ from benchlib import DESK, BenchError, Rig, bench_main, make_desk, outbox_status
 
 from maildesk.config import load_settings
 from maildesk.logs import configure_logging
-from maildesk.outbound.notify import POLICY
+from maildesk.outbound.compose import POLICY
 from maildesk.outbound.send import OutboxSender
 from maildesk.rules.limits import mailbox_key
 from maildesk.store.models import Outbox

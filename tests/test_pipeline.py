@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from e2e import AGENT, CUSTOMER, DESK, customer_mail
+from outgoing import composed
 from sqlmodel import Session, select
 
 from maildesk.config import DeskSettings, SecuritySettings, Settings
@@ -62,7 +63,13 @@ def test_attachments_are_stored_by_content_hash(pipeline: Pipeline, engine: sa.E
     stored = content_path(pipeline.settings.desk.state_dir, ATTACHMENTS_DIR, attachment.sha256)
     assert stored.stat().st_size == attachment.size
     # The agents get the file itself; the customer's acknowledgement carries nothing of it.
-    mails = {o.kind: message_from_bytes(o.raw, policy=policy.default) for o in rows(engine, Outbox)}
+    # The row refers to the stored file, and the sender reads it as the mail leaves.
+    state = pipeline.settings.desk.state_dir
+    queued = rows(engine, Outbox)
+    assert all(o.raw == b"" and o.draft is not None for o in queued)
+    assert all(attachment.sha256 in o.draft and b"JVBER" not in o.draft.encode() for o in queued
+               if o.kind == "new_ticket")
+    mails = {o.kind: message_from_bytes(composed(o, state), policy=policy.default) for o in queued}
     [sent] = list(mails["new_ticket"].iter_attachments())
     assert sent.get_filename() == "Facture_réglée_n°12.pdf"
     assert sent.get_content() == stored.read_bytes()

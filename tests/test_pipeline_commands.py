@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 from e2e import AGENT, COLLEAGUE, CUSTOMER, DESK, customer_mail
+from outgoing import composed
 from sqlmodel import Session, col, select
 from support_fixtures import make_pipeline
 
@@ -54,7 +55,7 @@ def to(row: Outbox) -> str:
 
 
 def body(row: Outbox) -> str:
-    sent = message_from_bytes(row.raw, policy=policy.default)
+    sent = message_from_bytes(composed(row), policy=policy.default)
     return sent.get_body(("plain",)).get_content()  # type: ignore[union-attr]
 
 

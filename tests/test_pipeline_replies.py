@@ -12,6 +12,7 @@ from email import message_from_bytes, policy
 import pytest
 import sqlalchemy as sa
 from e2e import AGENT, CUSTOMER, DESK, customer_mail
+from outgoing import composed
 from sqlmodel import Session, select
 
 from maildesk.mail.message import Delivery
@@ -81,7 +82,7 @@ def test_the_agents_reply_address_never_reaches_the_customer(
     assert pipeline.process(reply.as_bytes(), SMTP).outcome == "answer"
     with Session(engine) as session:
         [answer] = session.exec(select(Outbox).where(Outbox.kind == "answer")).all()
-    sent = message_from_bytes(answer.raw, policy=policy.default)
+    sent = message_from_bytes(composed(answer), policy=policy.default)
     text = sent.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = sent.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert NEW_TEXT in text
@@ -92,4 +93,4 @@ def test_the_agents_reply_address_never_reaches_the_customer(
         for line in lines:
             assert line.format(addr=DESK) not in part
     # The answer's own Reply-To is the customer's address; the agent's appears nowhere.
-    assert address.lower() not in answer.raw.decode("ascii", "replace").lower()
+    assert address.lower() not in composed(answer).decode("ascii", "replace").lower()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from e2e import AGENT, CUSTOMER, DESK, customer_mail
+from outgoing import composed
 from sqlmodel import Session, select
 from support_fixtures import make_pipeline
 
@@ -172,7 +173,7 @@ def test_an_oversized_mail_is_quarantined_and_its_sender_told_the_limit(
     )
     [notice] = rows(engine, Outbox)
     assert (notice.kind, json.loads(notice.recipients)) == ("too_large", [CUSTOMER])
-    assert b"25" in notice.raw and rows(engine, Ticket) == []
+    assert b"25" in composed(notice) and rows(engine, Ticket) == []
     [held] = rows(engine, InboundMail)
     assert held.outcome == "quarantined"
 
@@ -210,11 +211,11 @@ def test_no_value_from_a_mail_or_the_directory_adds_a_header_or_a_recipient(
     sent = rows(engine, Outbox)
     assert {o.kind for o in sent} == {"acknowledgement", "new_ticket"}
     for row in sent:
-        parsed = message_from_bytes(row.raw, policy=policy.default)
+        parsed = message_from_bytes(composed(row), policy=policy.default)
         assert parsed["Bcc"] is None and parsed["Cc"] is None
         assert len(json.loads(row.recipients)) == 1
-        head = row.raw.split(b"\r\n\r\n", 1)[0]
+        head = composed(row).split(b"\r\n\r\n", 1)[0]
         assert b"\r\nBcc:" not in head and b"\r\nCc:" not in head
-        assert b"\x1b" not in row.raw and b"\x00" not in row.raw
+        assert b"\x1b" not in composed(row) and b"\x00" not in composed(row)
         to = parsed["To"].addresses
         assert len(to) == 1 and "attacker" not in to[0].addr_spec

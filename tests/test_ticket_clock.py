@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from e2e import CUSTOMER, DESK, seed
+from outgoing import composed
 from sqlmodel import Session, col, select
 
 from maildesk.config import DeskSettings, SecuritySettings, Settings, TicketsSettings
@@ -84,7 +85,7 @@ def test_a_pending_ticket_closes_after_seven_days_and_the_customer_is_told(
     [notice] = _closing_notices(desk)
     assert (json.loads(notice.recipients), notice.automatic, notice.ticket_id) == (
         [CUSTOMER], True, ticket_id)
-    mail = message_from_bytes(notice.raw, policy=policy.default)
+    mail = message_from_bytes(composed(notice), policy=policy.default)
     assert mail["Subject"] == f"[#{ticket_id}] Votre demande est clôturée"
     assert mail["Auto-Submitted"] == "auto-generated"
     text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]

@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 from maildesk.cli.errors import CommandError, NotFound
 from maildesk.cli.output import print_json, table, terminal_safe
 from maildesk.config import Settings
+from maildesk.outbound.compose import outgoing_bytes
 from maildesk.store import database
 from maildesk.store.models import AuditEvent, Outbox, utcnow
 
@@ -124,7 +125,10 @@ def cmd_outbox_show(args: argparse.Namespace, settings: Settings) -> int:
             if row is None:
                 raise NotFound(f"no outgoing mail with id {args.id}")
             view = outbox_view(row)
-            raw = row.raw
+            try:
+                raw = outgoing_bytes(row.raw, row.draft, settings.desk.state_dir)
+            except ValueError as exc:
+                raise CommandError(f"outgoing mail {args.id} cannot be composed: {exc}") from None
     finally:
         engine.dispose()
     mail = message_from_bytes(raw, policy=policy.default)

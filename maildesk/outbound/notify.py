@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import email.policy
 import json
 import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
-from email.message import EmailMessage
-from email.policy import Policy
+from email.headerregistry import Address
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ from sqlmodel import Session, col, select
 from maildesk.config import Settings
 from maildesk.mail.htmltext import clean_text
 from maildesk.mail.quotes import REPLY_ABOVE_MARKER, scrub_reply_addresses
-from maildesk.rules.classify import LOOP_HEADER
+from maildesk.outbound.compose import Draft, DraftFile
 from maildesk.rules.commands import valid_commands_help
 from maildesk.rules.limits import mailbox_key
 from maildesk.signing import (
@@ -38,7 +35,6 @@ from maildesk.signing import (
     reply_address,
 )
 from maildesk.store.access_log import record_delivery
-from maildesk.store.files import ATTACHMENTS_DIR, content_path
 from maildesk.store.models import (
     Account,
     Agent,
@@ -62,23 +58,6 @@ _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # A msg-id as we are willing to repeat it: printable ASCII, no spaces or angle brackets inside,
 # so that no stored value, however it was received, can inject anything into a header.
 _MSG_ID = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]{1,900}>")
-
-
-class _MessageIdListHeader(UnstructuredHeader, BaseHeader):
-    """In-Reply-To and References: one msg-id per line, never turned into encoded words."""
-
-    # The standard folder treats these headers as free text and encodes any msg-id longer than
-    # a line (Outlook's often are) as an RFC 2047 word, which breaks threading; the ids are
-    # validated ASCII tokens, so one per folded line is always correct.
-    def fold(self, *, policy: Policy) -> str:
-        """The header folded with one msg-id per line."""
-        return f"{self.name}: " + f"{policy.linesep} ".join(str(self).split()) + policy.linesep
-
-
-_HEADERS = HeaderRegistry()
-_HEADERS.map_to_type("in-reply-to", _MessageIdListHeader)
-_HEADERS.map_to_type("references", _MessageIdListHeader)
-POLICY = email.policy.SMTP.clone(header_factory=_HEADERS)
 
 
 def default_templates_dir() -> Path:
@@ -338,18 +317,6 @@ class Notifier:
                                 kind=kind)
         return sent
 
-    def _attach(self, msg: EmailMessage, row: Attachment) -> None:
-        path = content_path(self.settings.desk.state_dir, ATTACHMENTS_DIR, row.sha256)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            # Erased under the retention rules; the text still names it.
-            return
-        maintype, _, subtype = row.content_type.partition("/")
-        if not maintype or not subtype:
-            maintype, subtype = "application", "octet-stream"
-        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=row.filename)
-
     def _locale(self, wanted: str | None) -> str:
         code = (wanted or "").strip().lower()[:2]
         return code if code in LOCALES else self.settings.desk.locale
@@ -395,45 +362,37 @@ class Notifier:
                 scrub_reply_addresses(rendered.text, desk.address),
                 scrub_reply_addresses(rendered.html, desk.address),
             )
-        msg = EmailMessage(policy=POLICY)
         # The idstring marks our own Message-IDs, so that one coming back is recognised.
         message_id = make_msgid(idstring="maildesk", domain=desk.domain)
-        msg["Message-ID"] = message_id
-        msg["Date"] = format_datetime(utcnow())
-        msg["From"] = sender or Address(_one_line(desk.name), addr_spec=desk.address)
-        msg["To"] = to
-        msg["Subject"] = rendered.subject
+        in_reply_to: str | None = None
+        references: list[str] = []
+        reply_to: tuple[str, str] | None = None
         if ticket is not None:
             if ticket.id is None:
                 raise ValueError("the ticket has no id yet: flush it before notifying")
             parent_id = parent.message_id if parent is not None else None
             in_reply_to, references = _thread(session, ticket.id, parent_id)
-            if in_reply_to:
-                msg["In-Reply-To"] = in_reply_to
-            if references:
-                msg["References"] = " ".join(references)
             if principal is not None:
                 signed = reply_address(
                     self.reply_keys, desk.address, ticket.id, principal, ticket.reply_epoch
                 )
-                msg["Reply-To"] = Address(_one_line(desk.name), addr_spec=signed)
-        msg[LOOP_HEADER] = desk.domain
-        if auto is not None:
-            msg["Auto-Submitted"] = auto
-            msg["X-Auto-Response-Suppress"] = "All"
-        # Quoted-printable keeps the body 7-bit, so any relay takes it, and stays readable.
-        msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
-        for row in files:
-            self._attach(msg, row)
-        # Set last: set_content() and add_alternative() move or drop Content-* headers.
-        msg["Content-Language"] = locale
+                reply_to = (_one_line(desk.name), signed)
+        sender = sender or Address(_one_line(desk.name), addr_spec=desk.address)
+        # The MIME form is built by the sender, outside this transaction (see compose.py).
+        draft = Draft(
+            message_id=message_id, date=format_datetime(utcnow()),
+            sender=(sender.display_name, sender.addr_spec), to=(to.display_name, to.addr_spec),
+            subject=_one_line(rendered.subject), text=rendered.text, html=rendered.html,
+            language=locale, loop=desk.domain, in_reply_to=in_reply_to,
+            references=tuple(references), reply_to=reply_to, auto=auto,
+            files=tuple(DraftFile(row.sha256, row.content_type, row.filename) for row in files),
+        )
         # A VERP return path names this very mail in any bounce that comes back.
         verp = secrets.token_hex(8)
         local, _, domain = desk.address.rpartition("@")
         outbox = Outbox(
             kind=kind, message_id=message_id, mail_from=f"{local}+bounce-{verp}@{domain}",
-            recipients=json.dumps([to.addr_spec]), raw=msg.as_bytes(policy=POLICY),
+            recipients=json.dumps([to.addr_spec]), raw=b"", draft=draft.to_json(),
             ticket_id=ticket.id if ticket is not None else None,
             automatic=automatic, mailbox_key=mailbox_key(to.addr_spec), verp=verp,
         )

@@ -43,6 +43,7 @@ from sqlmodel import Session
 from maildesk import metrics
 from maildesk.config import Settings
 from maildesk.logs import get_logger
+from maildesk.outbound.compose import outgoing_bytes
 from maildesk.outbound.transport import (
     MaildirTransport,
     PermanentFailure,
@@ -167,7 +168,7 @@ class OutboxSender:
     def _claim(self, size: int, skip: list[int]) -> list[Any]:
         """Lease up to `size` of the oldest due rows not in `skip`."""
         columns = [_ROW.kind, _ROW.message_id, _ROW.mail_from, _ROW.recipients, _ROW.raw,
-                   _ROW.deferrals, _ROW.created_at, _ROW.ticket_id]
+                   _ROW.draft, _ROW.deferrals, _ROW.created_at, _ROW.ticket_id]
         # A row claimed before without an outcome is a suspect (its sender died with it, or
         # with another row of its claim): suspects go alone, so that a crash counts against
         # the one row on the wire, never against the whole claim.
@@ -308,6 +309,14 @@ class OutboxSender:
             raise
         return stop
 
+    def _compose(self, row: Any) -> bytes:
+        """The row's mail in MIME form: composed from its draft now, outside any transaction."""
+        try:
+            return outgoing_bytes(row.raw, row.draft, self.settings.desk.state_dir)
+        except (ValueError, TypeError) as exc:
+            # A draft that cannot be composed never will be: no retry can help it.
+            raise PermanentFailure(f"the mail cannot be composed: {exc}") from None
+
     def _deliver(
         self, transport: SmtpTransport | MaildirTransport, row: Any
     ) -> tuple[str, dict[str, Any], str | None, bool]:
@@ -328,7 +337,7 @@ class OutboxSender:
             crashes = row.attempts - 1 - row.deferrals
             if crashes > CRASHES_BEFORE_FAILED:
                 raise PermanentFailure(f"the sender stopped {crashes} times while sending it")
-            refused = transport.send(row.mail_from, recipients, row.raw)
+            refused = transport.send(row.mail_from, recipients, self._compose(row))
         except PermanentFailure as exc:
             reason, stop = str(exc), False
         except TemporaryFailure as exc:

@@ -177,7 +177,14 @@ def _recipients(outbox: Outbox) -> set[str]:
         return set()
 
 
-def _in_reply_to(raw: bytes) -> str | None:
+def _in_reply_to(raw: bytes, draft: str | None = None) -> str | None:
+    if draft is not None:
+        # A draft (outbound/compose.py) is JSON; read here without the outbound stage.
+        try:
+            value = json.loads(draft).get("in_reply_to")
+        except (ValueError, AttributeError):
+            return None
+        return value.strip() if isinstance(value, str) else None
     try:
         value = BytesHeaderParser(policy=policy.compat32).parsebytes(raw).get("In-Reply-To")
     except Exception:
@@ -227,7 +234,7 @@ def account_target(
     quoted = {m.message_id for m in own_elsewhere if m.message_id}
     for ticket_id in {m.ticket_id for m in own_elsewhere}:
         for row in session.exec(select(Outbox).where(Outbox.ticket_id == ticket_id)):
-            if _in_reply_to(row.raw) in quoted:
+            if _in_reply_to(row.raw, row.draft) in quoted:
                 target.outbox.add(row.id)  # type: ignore[arg-type]
     about = sa.or_(
         col(AuditEvent.account_id) == account.id, func.lower(AuditEvent.actor) == email,

@@ -234,7 +234,12 @@ class Outbox(SQLModel, table=True):
     message_id: str = Field(max_length=998, unique=True)
     mail_from: str = Field(max_length=320)
     recipients: str
+    # The mail in MIME form, for rows queued before drafts; empty when `draft` is set.
     raw: bytes = Field(sa_type=sa.LargeBinary)
+    # What the mail says, as JSON (outbound/compose.py): the sender builds its MIME form just
+    # before it leaves, outside the transaction that queued it, and attachments stay in the
+    # content-addressed store instead of being copied into every row.
+    draft: str | None = Field(default=None, sa_type=sa.Text)
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
     status: str = Field(default="pending", max_length=10, index=True)
     attempts: int = 0

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from e2e import AGENT, CUSTOMER, DESK, customer_mail
+from outgoing import composed
 from sqlmodel import Session, col, select
 from support_fixtures import make_desk, make_pipeline
 
@@ -44,7 +45,7 @@ def test_revoke_makes_earlier_reply_addresses_worthless(
     # The address the agent got in the new-ticket notice, before the revoke.
     with Session(engine) as session:
         [notice] = session.exec(select(Outbox).where(Outbox.kind == "new_ticket")).all()
-    issued = message_from_bytes(notice.raw, policy=policy.default)["Reply-To"].addresses[0]
+    issued = message_from_bytes(composed(notice), policy=policy.default)["Reply-To"].addresses[0]
     assert issued.addr_spec == reply_address(pipeline.reply_keys, DESK, 1, principal_of_agent(1))
 
     result = desk.cli("tickets", "revoke", "1", "--as", "alice.martin")

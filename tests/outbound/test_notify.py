@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from outgoing import composed
 from sqlmodel import Session, func, select
 
 from maildesk.config import DeskSettings, PrivacySettings, Settings
@@ -155,7 +156,7 @@ def make_world(session: Session, locale: str = "fr", after_hours: bool = False) 
 
 
 def parse(outbox: Outbox) -> EmailMessage:
-    parsed = email.message_from_bytes(outbox.raw, policy=email.policy.default)
+    parsed = email.message_from_bytes(composed(outbox), policy=email.policy.default)
     assert isinstance(parsed, EmailMessage)
     return parsed
 
@@ -240,7 +241,7 @@ def test_acknowledgement(session: Session, locale: str) -> None:
     assert "Claire Dubois-Françoise" in text
     assert_footer(msg, locale)
     # Nothing of the customer's mail comes back: neither its subject nor its text.
-    for blob in (outbox.raw.decode("ascii"), str(msg), text, markup):
+    for blob in (composed(outbox).decode("ascii"), str(msg), text, markup):
         assert SECRET not in blob
         assert "120 €" not in blob and "script" not in blob
 
@@ -270,7 +271,7 @@ def test_unknown_sender(session: Session, locale: str) -> None:
     kept = {"fr": "pendant 30 jours au plus", "en": "30 days"}
     assert kept[locale] in footer and "dpo@" in footer
     assert "désactivation" not in footer and "deactivation" not in footer
-    assert SECRET not in outbox.raw.decode("ascii")
+    assert SECRET not in composed(outbox).decode("ascii")
 
 
 def test_unknown_sender_without_locale_uses_the_desks(session: Session) -> None:
@@ -403,8 +404,8 @@ def test_references_are_capped_and_keep_the_first_and_the_parent(session: Sessio
     assert references[-1] == long_id == msg["In-Reply-To"]
     assert references[-2] == "<m14@facade.example>"
     # Long Outlook-style ids stay plain ids, never RFC 2047 encoded words.
-    assert long_id.encode() in outbox.raw
-    assert b"Bcc" not in outbox.raw
+    assert long_id.encode() in composed(outbox)
+    assert b"Bcc" not in composed(outbox)
 
 
 @pytest.mark.parametrize("locale", LOCALES)
@@ -441,7 +442,7 @@ def test_relay_answer(session: Session, locale: str, notice_url: str) -> None:
     assert_footer(msg, locale, notice_url)
     # The company has after-hours support, so the footer tells of the US transfer.
     assert "Boston" in text.split("\n-- \n", 1)[1]
-    assert world.alice.email not in outbox.raw.decode("ascii")
+    assert world.alice.email not in composed(outbox).decode("ascii")
 
 
 def test_the_us_transfer_is_only_mentioned_to_those_it_concerns(session: Session) -> None:

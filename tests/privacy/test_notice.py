@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from e2e import CUSTOMER, customer_mail
+from outgoing import composed
 from sqlmodel import Session, col, select
 from support_fixtures import Desk
 
@@ -133,8 +134,8 @@ def test_the_welcome_to_a_new_account_carries_the_full_notice(
         assert notice.welcome(session, settings, [account]) == []
     [welcome] = _outbox(engine, "welcome")
     assert welcome.id == queued.id and json.loads(welcome.recipients) == [CUSTOMER]
-    assert_full_notice(welcome.raw, locale)
-    msg, text, _ = _parts(welcome.raw)
+    assert_full_notice(composed(welcome), locale)
+    msg, text, _ = _parts(composed(welcome))
     assert "Claire Dupont" in text and "Client SA" in text
     # Not a ticket's mail: no reply address that could be taken for one.
     assert msg["Reply-To"] is None and msg["Auto-Submitted"] == "auto-generated"
@@ -156,13 +157,13 @@ def test_another_vendor_adopts_the_notice_by_config(engine: sa.Engine, tmp_path:
                                         company="Kunde AG", locale="en", actor="t")
         notice.welcome(session, settings, [account])
     [welcome] = _outbox(engine, "welcome")
-    _, text, markup = _parts(welcome.raw)
+    _, text, markup = _parts(composed(welcome))
     for needle in ("Acme Support GmbH, 1 Hauptstraße, Berlin, is the controller",
                    "privacy@acme.example", "up to 3 years after", "Acme Inc., Texas",
                    "Hetzner Online GmbH (hosting)", "(BfDI: https://www.bfdi.bund.de)",
                    "Your company subscribes to it."):
         assert needle in text and needle in markup, needle
-    assert "Neocase" not in welcome.raw.decode("ascii") and "CNIL" not in text
+    assert "Neocase" not in composed(welcome).decode("ascii") and "CNIL" not in text
 
 
 def test_accounts_add_and_import_queue_a_welcome_in_each_persons_language(desk: Desk) -> None:
@@ -184,11 +185,11 @@ def test_accounts_add_and_import_queue_a_welcome_in_each_persons_language(desk: 
     engine = database.make_engine(f"sqlite:///{desk.directory / 'state' / 'maildesk.sqlite3'}")
     try:
         welcomes = _outbox(engine, "welcome")
-        languages = {json.loads(w.recipients)[0]: _parts(w.raw)[0]["Content-Language"]
+        languages = {json.loads(w.recipients)[0]: _parts(composed(w))[0]["Content-Language"]
                      for w in welcomes}
         assert languages == {CUSTOMER: "fr", "marc@client.example": "en",
                              "lea@client.example": "fr"}
-        assert_full_notice(welcomes[1].raw, "en")
+        assert_full_notice(composed(welcomes[1]), "en")
     finally:
         engine.dispose()
 
@@ -199,14 +200,14 @@ def test_without_a_welcome_the_first_acknowledgement_carries_the_full_notice(
     # The seeded accounts were created without a welcome, as accounts from before it were.
     assert pipeline.process(customer_mail().as_bytes(), SMTP).outcome == "ticket"
     [first] = _outbox(engine, "acknowledgement")
-    assert_full_notice(first.raw, "fr")
+    assert_full_notice(composed(first), "fr")
     with Session(engine) as session:
         account = session.exec(select(Account).where(Account.email == CUSTOMER)).one()
         assert account.notice_sent_at is not None
     second = customer_mail(subject="Autre problème", text="Le bouton Valider ne répond plus.")
     assert pipeline.process(second.as_bytes(), SMTP).outcome == "ticket"
     [_, later] = _outbox(engine, "acknowledgement")
-    _, text, markup = _parts(later.raw)
+    _, text, markup = _parts(composed(later))
     footer = text.split("\n-- \n", 1)[1]
     assert FULL_NOTICE["fr"][0] not in footer
     assert POINTER["fr"] in footer and POINTER["fr"] in markup
@@ -242,9 +243,9 @@ def test_a_stranger_is_told_what_is_kept_of_their_mail_and_for_how_long(
     delivery = Delivery(source="smtp", envelope_from="zoe@elsewhere.example")
     assert pipeline.process(stranger, delivery).outcome == "quarantined"
     [answer] = _outbox(engine, "unknown_sender")
-    assert_stranger_footer(answer.raw, "fr")
+    assert_stranger_footer(composed(answer), "fr")
     with Session(engine) as session:
         english = pipeline.notifier.answer_unknown_sender(
             session, address="zoe@elsewhere.example", locale="en")
-        assert_stranger_footer(english.raw, "en")
+        assert_stranger_footer(composed(english), "en")
         session.rollback()

@@ -9,6 +9,7 @@ from email import message_from_bytes, policy
 import pytest
 import sqlalchemy as sa
 from e2e import CUSTOMER, customer_mail
+from outgoing import composed
 from sqlmodel import Session, select
 from support_fixtures import Desk
 
@@ -103,7 +104,7 @@ def test_the_dpo_gets_a_copy_and_an_ordinary_mail_is_not_marked(
         marked = session.exec(select(AuditEvent).where(
             AuditEvent.action == "privacy.request")).one()
         assert marked.ticket_id == asked and "copie de mes" not in (marked.detail or "")
-    copy = message_from_bytes(copies[0].raw, policy=policy.default)
+    copy = message_from_bytes(composed(copies[0]), policy=policy.default)
     assert f"[#{asked}]" in copy["Subject"] and "droit d'accès" in copy["Subject"]
     text = copy.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "Pouvez-vous m'envoyer une copie de mes données ?" in text

@@ -9,6 +9,7 @@ from email import message_from_bytes, policy
 import pytest
 import sqlalchemy as sa
 from e2e import COLLEAGUE, CUSTOMER, customer_mail
+from outgoing import composed
 from sqlmodel import Session, col, select
 from support_fixtures import Desk
 
@@ -81,7 +82,7 @@ def test_an_objection_opens_a_ticket_for_the_dpo(pipeline: Pipeline, engine: sa.
     # Only the DPO hears of it: no agent is notified of this ticket.
     [mail] = [o for o in session_rows(engine) if o.ticket_id == ticket_id]
     assert mail.kind == "dpo_objection" and json.loads(mail.recipients) == [DPO]
-    parsed = message_from_bytes(mail.raw, policy=policy.default)
+    parsed = message_from_bytes(composed(mail), policy=policy.default)
     assert f"[#{ticket_id}]" in parsed["Subject"] and "Claire Dupont" in parsed["Subject"]
     assert parsed["Reply-To"] is None
     assert "privacy.object" in _actions(engine, account.id)
@@ -147,13 +148,13 @@ def test_deceased_with_export_to_has_the_dpo_hand_the_export_over(
     # The heir gets word, not the data: nobody has checked who reads that mailbox.
     [told] = _outbox(engine, "directive_export")
     assert json.loads(told.recipients) == [HEIR]
-    heir_mail = message_from_bytes(told.raw, policy=policy.default)
+    heir_mail = message_from_bytes(composed(told), policy=policy.default)
     assert list(heir_mail.iter_attachments()) == []  # type: ignore[attr-defined]
-    assert "export PDF" not in told.raw.decode("ascii").lower()
+    assert "export PDF" not in composed(told).decode("ascii").lower()
     assert DPO in heir_mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     [dpo] = _outbox(engine, "dpo_directive_export")
     assert json.loads(dpo.recipients) == [DPO]
-    dpo_text = message_from_bytes(dpo.raw, policy=policy.default).get_body(("plain",))
+    dpo_text = message_from_bytes(composed(dpo), policy=policy.default).get_body(("plain",))
     assert str(path) in dpo_text.get_content()  # type: ignore[union-attr]
     account = _account(engine)
     assert account is not None and account.deceased_at is not None
