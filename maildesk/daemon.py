@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from maildesk.config import Settings
+from maildesk.heap import return_freed_memory
 from maildesk.ingress.fetch import LEASE_SECONDS, ImapFetcher
 from maildesk.ingress.group_commit import GroupCommit
 from maildesk.ingress.listen import Listener, ListenerError
@@ -161,6 +162,7 @@ def run_daemon(settings: Settings) -> int:
     # replies; with the default 5 ms switch interval every reply waits that long for the GIL,
     # and a burst of incoming mail delays the acknowledgements by seconds.
     sys.setswitchinterval(0.0005)
+    return_freed_memory()
 
     async def main() -> bool:
         stop = asyncio.Event()

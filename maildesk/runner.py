@@ -48,6 +48,10 @@ from maildesk.store.queue import Clock, QueueWorker
 log = get_logger("runner")
 
 BATCH_SIZE = 20  # mails per claim and per filing transaction
+# A batch's mails are all in memory at once, raw and parsed (with their attachments' bytes):
+# a claim stops short of this many bytes of raw mail, so that a backlog of large mails is
+# filed one or two at a time instead of twenty (a mail larger than this goes alone).
+BATCH_BYTES = 8 * 1024 * 1024
 LEASE = timedelta(seconds=15)
 # Failures (exceptions) of a mail's filing before it is quarantined; a crash counts as a claim
 # without an outcome, and INTAKE_QUEUE.poison_after of those make a mail poison.
@@ -141,6 +145,7 @@ class IntakeRunner:
         *,
         owner: str | None = None,
         batch_size: int = BATCH_SIZE,
+        batch_bytes: int = BATCH_BYTES,
         lease: timedelta = LEASE,
         clock: Clock | None = None,
         on_filed: Callable[[], object] | None = None,
@@ -150,6 +155,7 @@ class IntakeRunner:
         self.engine = filer.engine
         self.state_dir = filer.settings.desk.state_dir
         self.batch_size = max(1, batch_size)
+        self.batch_bytes = batch_bytes
         self.worker = QueueWorker(
             filer.engine, INTAKE_QUEUE, owner=owner or instance_name(filer.settings),
             lease=lease, clock=clock,
@@ -201,6 +207,7 @@ class IntakeRunner:
         claims = self.worker.claim(
             limit or self.batch_size, columns,
             where=_INBOUND.id.in_(list(only)) if only else None, alone=_INBOUND.attempts > 0,
+            weight=_INBOUND.size, budget=self.batch_bytes,
         )  # fmt: skip
         if not claims:
             return 0

@@ -162,6 +162,23 @@ def test_batches_are_claimed_oldest_first_and_bounded(
     assert runner.file_batch() == 0
 
 
+def test_a_batch_stops_short_of_its_byte_budget_and_a_large_mail_goes_alone(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    sizes = [30_000, 30_000, 30_000, 90_000, 10_000, 10_000]
+    arrivals = [Arrival(customer_mail(subject=f"mail {n}", text="x" * size).as_bytes(), SMTP)
+                for n, size in enumerate(sizes)]
+    ids = [a.inbound_id for a in
+           store_arrivals(engine, pipeline.settings.desk.state_dir, arrivals)]
+    runner = IntakeRunner(pipeline, owner="test", batch_size=20, batch_bytes=70_000)
+    claimed = []
+    while taken := runner.file_batch():
+        claimed.append(taken)
+    # 30+30 fit, a third would not; the 90 KB mail exceeds the budget and goes alone.
+    assert claimed == [2, 1, 1, 2]
+    assert [inbound(engine, i).outcome for i in ids] == ["ticket"] * 6
+
+
 def test_a_missing_raw_file_fails_the_mail_not_the_batch(
     pipeline: Pipeline, engine: sa.Engine
 ) -> None:

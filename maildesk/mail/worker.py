@@ -35,6 +35,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from maildesk.heap import return_freed_memory
 from maildesk.mail.limits import POLICY, ParseLimits
 from maildesk.mail.message import MalformedMail, ParsedMail
 from maildesk.mail.parse import parse_mail
@@ -150,6 +151,7 @@ def child_main() -> None:
     # unit, must not kill a child mid-parse and have its mail quarantined as a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return_freed_memory()
     # A child killed by SIGXCPU or SIGABRT must leave no core behind, of up to max_memory.
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     incoming = Connection(int(sys.argv[1]), writable=False)

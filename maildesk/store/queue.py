@@ -133,16 +133,21 @@ class QueueWorker:
         *,
         where: sa.ColumnElement[bool] | None = None,
         alone: sa.ColumnElement[bool] | None = None,
+        weight: sa.ColumnElement[int] | None = None,
+        budget: int | None = None,
     ) -> list[Claim]:
         """Lease up to `limit` of the oldest claimable rows, in one transaction.
 
         Rows for which `alone` holds come first and one at a time: a suspect, such as a row
-        claimed before without an outcome, is worked on by itself.
+        claimed before without an outcome, is worked on by itself. With `weight` and `budget`,
+        the claim also stops before the rows' weights add up to more than `budget` (the first
+        row is always taken, whatever it weighs).
         """
         c = self.c
         flag = alone if alone is not None else sa.false()
+        weighs = weight if weight is not None and budget is not None else sa.literal(0)
         pick = (
-            sa.select(c.id, sa.case((flag, 1), else_=0).label("alone"))
+            sa.select(c.id, sa.case((flag, 1), else_=0).label("alone"), weighs.label("weight"))
             .where(self.claimable())
             .order_by(sa.case((flag, 0), else_=1), c.id)
             .limit(limit)
@@ -161,7 +166,9 @@ class QueueWorker:
                 ids = [picked[0].id]
                 self.last_picked = limit  # More may wait behind the suspect.
             else:
-                ids = [row.id for row in picked]
+                ids = _within(picked, budget)
+                if len(ids) < len(picked):
+                    self.last_picked = limit  # The budget, not the queue, ended the claim.
             rows = conn.execute(
                 sa.update(self.queue.table)
                 .where(c.id.in_(ids), self.claimable())
@@ -242,3 +249,17 @@ class QueueWorker:
                 sa.select(sa.func.count()).select_from(self.queue.table).where(self.queue.wanted)
             ).scalar_one()
         return int(count)
+
+
+def _within(picked: Sequence[Any], budget: int | None) -> list[int]:
+    """The ids of the first picked rows whose weights fit in `budget`; at least one."""
+    if budget is None:
+        return [row.id for row in picked]
+    ids: list[int] = []
+    total = 0
+    for row in picked:
+        total += row.weight or 0
+        if ids and total > budget:
+            break
+        ids.append(row.id)
+    return ids
