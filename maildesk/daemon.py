@@ -63,7 +63,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
         settings, engine, owner=owner,
         retry_base=timedelta(seconds=settings.smtp.retry_first_seconds),
         retry_most=timedelta(seconds=settings.smtp.retry_most_seconds),
-        on_give_up=pipeline.notices.mail_given_up,
+        on_give_up=pipeline.notices.mail_given_up, compose_ahead=True,
     )
     tasks = [
         asyncio.create_task(sender.run(stop, queued), name="send"),

@@ -29,6 +29,7 @@ A row whose sending killed the sender three times is failed rather than sent for
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import ssl
 import time
@@ -44,6 +45,7 @@ from maildesk import metrics
 from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.outbound.compose import outgoing_bytes
+from maildesk.outbound.compose_worker import ComposeAhead
 from maildesk.outbound.transport import (
     MaildirTransport,
     PermanentFailure,
@@ -130,6 +132,7 @@ class OutboxSender:
         owner: str = "sender",
         clock: Clock | None = None,
         on_give_up: GiveUpHook | None = None,
+        compose_ahead: bool = False,
     ) -> None:
         """Prepare a sender; `retry_base` is the first backoff, doubled at each retry."""
         self.settings = settings
@@ -146,6 +149,10 @@ class OutboxSender:
         self.queue = QueueWorker(engine, OUTBOX_QUEUE, owner=owner, lease=lease, clock=clock)
         self._withheld: set[int] = set()
         self._ssl_context: ssl.SSLContext | None = None
+        # With `compose_ahead`, a child process composes a claim's drafts while the rows before
+        # them are sent (compose_worker.py); the ids of the rows it is composing, in order.
+        self._ahead = ComposeAhead(settings.desk.state_dir) if compose_ahead else None
+        self._ahead_ids: collections.deque[int] = collections.deque()
 
     def _now(self) -> datetime:
         return self.clock() if self.clock is not None else utcnow()
@@ -267,6 +274,9 @@ class OutboxSender:
         be; see the module's docstring.
         """
         results: list[tuple[Any, dict[str, Any], str | None]] = []
+        if self._ahead is not None:
+            self._ahead.start_claim([row.draft for row in rows])
+            self._ahead_ids = collections.deque(row.id for row in rows if row.draft is not None)
         claimed_at = grouped_at = time.monotonic()
         untried = 0  # Index of the first claim not yet handed to the transport.
         stop = False
@@ -311,6 +321,16 @@ class OutboxSender:
 
     def _compose(self, row: Any) -> bytes:
         """The row's mail in MIME form: composed from its draft now, outside any transaction."""
+        while self._ahead is not None and self._ahead_ids and row.draft is not None:
+            # Answers come in claim order; those of rows never sent (withheld) are dropped.
+            row_id = self._ahead_ids.popleft()
+            answer = self._ahead.next()
+            if answer is None:
+                self._ahead_ids.clear()  # The child is gone: compose here.
+            elif row_id == row.id:
+                if isinstance(answer, str):
+                    raise PermanentFailure(f"the mail cannot be composed: {answer}")
+                return answer
         try:
             return outgoing_bytes(row.raw, row.draft, self.settings.desk.state_dir)
         except (ValueError, TypeError) as exc:
@@ -387,6 +407,18 @@ class OutboxSender:
         self, stop: asyncio.Event, wake: asyncio.Event | None = None, limit: int = 100
     ) -> None:
         """Send batches until `stop` is set; `wake` starts the next batch at once."""
+        try:
+            await self._run(stop, wake, limit)
+        finally:
+            if self._ahead is not None:
+                self._ahead.close()
+
+    def close(self) -> None:
+        """End the compose child, if any."""
+        if self._ahead is not None:
+            self._ahead.close()
+
+    async def _run(self, stop: asyncio.Event, wake: asyncio.Event | None, limit: int) -> None:
         try:
             taken = await asyncio.to_thread(self.take_back)
         except Exception:

@@ -1,0 +1,154 @@
+"""Compose a claim's drafts in a child process, ahead of the sender, on the other core.
+
+Building the MIME form of a mail (compose.py) is CPU work in the email package: about 5 ms a
+mail, as much as all of filing. In the daemon's process it competes for the GIL with the intake
+runner; in a child it runs beside it. The sender hands the child every draft of a claim in one
+message and reads the composed mails back one at a time, in order, while it sends the previous
+one: the child is at most a claim ahead, and blocks on the pipe when the sender falls behind.
+
+The drafts are ours (the child reads no hostile input that filing has not already bounded), so
+the child needs no CPU budget; any failure of it (it died, a pipe broke, an answer is not one)
+only makes the sender compose the rest of the claim itself, and the next claim starts a new
+child. Like the parse worker, the child is a fresh interpreter started by subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from maildesk.heap import return_freed_memory
+from maildesk.logs import get_logger
+from maildesk.outbound.compose import Draft, build, stored_files
+
+log = get_logger("compose")
+
+_CHILD_CODE = "from maildesk.outbound.compose_worker import child_main; child_main()"
+_OK, _FAILED = b"\x00", b"\x01"
+# A child is replaced once it has composed this much, so that the memory of large attachments
+# goes back to the system.
+RECYCLE_AFTER_BYTES = 64 * 2**20
+
+
+def child_main() -> None:
+    """The child: compose each claim's drafts and send each mail back as soon as it is built."""
+    import signal
+
+    # Only the parent ends a child: systemd's SIGTERM to the unit must not cut a claim short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return_freed_memory()
+    incoming = Connection(int(sys.argv[1]), writable=False)
+    outgoing = Connection(int(sys.argv[2]), readable=False)
+    while True:
+        try:
+            request = incoming.recv_bytes()
+        except EOFError:
+            return
+        state_dir, drafts = pickle.loads(request)  # noqa: S301 (from the parent)
+        read_file = stored_files(Path(state_dir))
+        for text in drafts:
+            try:
+                answer = _OK + build(Draft.from_json(text), read_file)
+            except Exception as exc:
+                answer = _FAILED + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+            outgoing.send_bytes(answer)
+
+
+class ComposeAhead:
+    """A child process that composes the drafts of one claim at a time, in order."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._to_child: Connection | None = None
+        self._from_child: Connection | None = None
+        self._waiting = 0  # Answers of the current claim not yet read.
+        self._composed = 0
+
+    def start_claim(self, drafts: Sequence[str | None]) -> None:
+        """Hand the child the drafts of a claim (None where a row has no draft)."""
+        self._drain()
+        wanted = [d for d in drafts if d is not None]
+        if not wanted:
+            return
+        try:
+            if self._to_child is None or self._composed > RECYCLE_AFTER_BYTES:
+                self.close()
+                self._start()
+            assert self._to_child is not None
+            self._to_child.send_bytes(pickle.dumps((str(self.state_dir), wanted)))
+            self._waiting = len(wanted)
+        except OSError as exc:
+            log.warning("compose child unavailable, composing in the sender", error=str(exc))
+            self.close()
+
+    def next(self) -> bytes | str | None:
+        """The next draft's mail; an error text if it cannot be composed; None: compose it
+        yourself (the child is gone)."""
+        if self._waiting == 0 or self._from_child is None:
+            return None
+        try:
+            answer = self._from_child.recv_bytes()
+        except (EOFError, OSError) as exc:
+            log.warning("compose child died, composing in the sender", error=str(exc))
+            self.close()
+            return None
+        self._waiting -= 1
+        self._composed += len(answer)
+        if answer[:1] == _OK:
+            return answer[1:]
+        return answer[1:].decode("utf-8", "replace")
+
+    def _drain(self) -> None:
+        """Read and drop the answers left over from a claim that ended early."""
+        while self._waiting and self.next() is not None:
+            pass
+        self._waiting = 0
+
+    def _start(self) -> None:
+        down_read, down_write = os.pipe()
+        up_read, up_write = os.pipe()
+        try:
+            # The parent's sys.path through the environment, so that the child imports the
+            # same maildesk (a checkout, a venv) without running any script.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            self._process = subprocess.Popen(
+                [sys.executable, "-P", "-c", _CHILD_CODE, str(down_read), str(up_write)],
+                pass_fds=(down_read, up_write), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, env=env,
+            )  # fmt: skip
+        except BaseException:
+            for fd in (down_write, up_read):
+                os.close(fd)
+            raise
+        finally:
+            os.close(down_read)
+            os.close(up_write)
+        self._to_child = Connection(down_write, readable=False)
+        self._from_child = Connection(up_read, writable=False)
+        self._composed = 0
+
+    def pid(self) -> int | None:
+        """The child's process id, if one runs."""
+        return self._process.pid if self._process is not None else None
+
+    def close(self) -> None:
+        """End the child, if any."""
+        self._waiting = 0
+        for conn in (self._to_child, self._from_child):
+            if conn is not None:
+                conn.close()
+        self._to_child = self._from_child = None
+        if self._process is not None:
+            self._process.kill()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._process = None
