@@ -1,0 +1,75 @@
+"""The compose child: a claim's drafts composed ahead, in order, and the sender's fallback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+from maildesk.outbound.compose import Draft, build
+from maildesk.outbound.compose_worker import ComposeAhead
+
+
+def draft(n: int) -> Draft:
+    return Draft(
+        message_id=f"<{n}.maildesk@desk.example>", date="Mon, 07 Dec 2026 10:00:00 +0000",
+        sender=("Support", "support@desk.example"), to=("Léa", "lea@client.example"),
+        subject=f"[#{n}] Demande", text=f"Mail {n}\n", html=f"<p>Mail {n}</p>",
+        language="fr", loop="desk.example",
+    )
+
+
+def _without_boundaries(mail: bytes) -> bytes:
+    boundary = re.search(rb'boundary="([^"]+)"', mail)
+    assert boundary is not None
+    return mail.replace(boundary.group(1), b"B")
+
+
+def test_the_child_composes_a_claim_in_order_as_the_sender_would(tmp_path: Path) -> None:
+    ahead = ComposeAhead(tmp_path)
+    try:
+        drafts = [draft(n) for n in range(5)]
+        # Rows without a draft (queued before 0008) are not the child's.
+        ahead.start_claim([drafts[0].to_json(), None, *(d.to_json() for d in drafts[1:])])
+        answers = [ahead.next() for _ in drafts]
+        assert ahead.next() is None  # Nothing more was asked.
+        # The same mail as built here, but for the MIME boundaries, which are random.
+        for answer, expected in zip(answers, drafts, strict=True):
+            assert isinstance(answer, bytes)
+            here = build(expected, lambda f: None)
+            assert _without_boundaries(answer) == _without_boundaries(here)
+    finally:
+        ahead.close()
+
+
+def test_a_draft_that_cannot_be_composed_comes_back_as_its_error(tmp_path: Path) -> None:
+    ahead = ComposeAhead(tmp_path)
+    try:
+        ahead.start_claim(['{"version": 99}', draft(1).to_json()])
+        error, mail = ahead.next(), ahead.next()
+        assert isinstance(error, str) and "version" in error
+        assert isinstance(mail, bytes) and b"<1.maildesk@desk.example>" in mail
+    finally:
+        ahead.close()
+
+
+def test_a_dead_child_means_compose_it_yourself_and_the_next_claim_starts_another(
+    tmp_path: Path,
+) -> None:
+    ahead = ComposeAhead(tmp_path)
+    try:
+        ahead.start_claim([draft(1).to_json()])
+        assert isinstance(ahead.next(), bytes)
+        first = ahead.pid()
+        assert first is not None
+        ahead.start_claim([draft(2).to_json(), draft(3).to_json()])
+        os.kill(first, signal.SIGKILL)
+        # Whatever the child wrote before it died may still be read; then None, for good.
+        answers = [ahead.next(), ahead.next()]
+        assert None in answers and ahead.next() is None
+        ahead.start_claim([draft(4).to_json()])
+        assert ahead.pid() not in (None, first)
+        assert isinstance(ahead.next(), bytes)
+    finally:
+        ahead.close()
