@@ -34,6 +34,7 @@ import json
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -153,6 +154,7 @@ class OutboxSender:
         # them are sent (compose_worker.py); the ids of the rows it is composing, in order.
         self._ahead = ComposeAhead(settings.desk.state_dir) if compose_ahead else None
         self._ahead_ids: collections.deque[int] = collections.deque()
+        self._record_thread: ThreadPoolExecutor | None = None
 
     def _now(self) -> datetime:
         return self.clock() if self.clock is not None else utcnow()
@@ -280,6 +282,18 @@ class OutboxSender:
         claimed_at = grouped_at = time.monotonic()
         untried = 0  # Index of the first claim not yet handed to the transport.
         stop = False
+        # Groups are recorded by a thread of their own while sending goes on: on SQLite a
+        # record may wait for the write lock as long as the runner's batch holds it, and the
+        # relay need not wait with it. One group at a time, in order.
+        recording: list[Future[None]] = []  # The group being recorded, if any.
+
+        def record_behind(renew: list[int]) -> None:
+            if recording:
+                recording.pop().result()
+            group = results[:]
+            results.clear()
+            recording.append(self._recorder().submit(self._record, group, renew))
+
         try:
             for index, row in enumerate(rows):
                 # The lease must outlast the send: a row started with less than half of it
@@ -303,14 +317,22 @@ class OutboxSender:
                 if len(results) >= RECORD_ROWS or time.monotonic() - grouped_at >= RECORD_SECONDS:
                     # The rest of the claim is renewed in the same transaction: the lease
                     # stays short, so that a dead sender's claims lapse soon, and a long claim
-                    # still outlives its sending.
-                    self._record(results, renew=[r.id for r in rows[index + 1 :]])
+                    # still outlives its sending. The lease then runs from a moment later than
+                    # this one, so counting from now is on the safe side.
+                    record_behind([r.id for r in rows[index + 1 :]])
                     claimed_at = time.monotonic()
+            if recording:
+                recording.pop().result()
             self._record(results)
             self.queue.release([row.id for row in rows[untried:]], uncount=True)
         except BaseException:
             # Keep what we know: outcomes not recorded would mean mails sent twice, and rows
             # not tried would wait for their lease. The row on the wire keeps its lease.
+            try:
+                if recording:
+                    recording.pop().result()
+            except Exception as exc:
+                log.warning("could not record a group after an error", error=describe(exc))
             try:
                 self._record(results)
                 self.queue.release([row.id for row in rows[untried:]], uncount=True)
@@ -410,13 +432,20 @@ class OutboxSender:
         try:
             await self._run(stop, wake, limit)
         finally:
-            if self._ahead is not None:
-                self._ahead.close()
+            self.close()
+
+    def _recorder(self) -> ThreadPoolExecutor:
+        if self._record_thread is None:
+            self._record_thread = ThreadPoolExecutor(1, thread_name_prefix="send-record")
+        return self._record_thread
 
     def close(self) -> None:
-        """End the compose child, if any."""
+        """End the compose child and the recording thread, if any."""
         if self._ahead is not None:
             self._ahead.close()
+        if self._record_thread is not None:
+            self._record_thread.shutdown(wait=True)
+            self._record_thread = None
 
     async def _run(self, stop: asyncio.Event, wake: asyncio.Event | None, limit: int) -> None:
         try:
