@@ -64,6 +64,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
         retry_base=timedelta(seconds=settings.smtp.retry_first_seconds),
         retry_most=timedelta(seconds=settings.smtp.retry_most_seconds),
         on_give_up=pipeline.notices.mail_given_up, compose_ahead=True,
+        keep_connection=True,
     )
     tasks = [
         asyncio.create_task(sender.run(stop, queued), name="send"),

@@ -21,6 +21,7 @@ from rig.smtp import RecordingSMTPServer
 from sqlmodel import func, select
 
 from maildesk.store import database
+from maildesk.store.intake import INTAKE_QUEUE
 from maildesk.store.models import RECEIVED, InboundMail, Outbox
 
 PROCESSED, QUARANTINE = "maildesk/processed", "maildesk/quarantine"
@@ -195,3 +196,45 @@ def test_folders_agree_with_the_database_after_sigkills(
         str(row.message_id) for row in rows if row.outcome != "quarantined"
     )
     assert len(processed) + len(quarantined) == MAILS
+
+
+def test_a_mail_that_kills_the_desk_each_time_is_quarantined_and_the_others_are_filed(
+    tmp_path: Path, imap_account: ImapAccount, smtp_server: RecordingSMTPServer
+) -> None:
+    """The desk dies (SIGKILL) whenever it is at one mail: once that mail has been claimed
+    INTAKE_QUEUE.poison_after times without an outcome, it is quarantined, in the database and
+    in the quarantine folder, and the mails behind it are filed."""
+    killer = customer_mail(subject="Le dossier complet")
+    # A 12 MB attachment keeps the runner at the mail for long enough to be caught at it.
+    killer.add_attachment(random.Random(3).randbytes(12_000_000), maintype="application",
+                          subtype="octet-stream", filename="dump.bin")
+    killer_id = str(killer["Message-ID"])
+    others = [customer_mail(subject=f"Demande {n}") for n in range(4)]
+    with imap_account.client() as client:
+        for mail in (killer, *others):
+            client.append("INBOX", mail.as_bytes())
+
+    def at_the_killer(claims: int) -> bool:
+        """Whether the runner holds the mail's claim number `claims`, without an outcome."""
+        return count(desk, InboundMail.message_id == killer_id,
+                     InboundMail.claimed_by.is_not(None),  # type: ignore[union-attr]
+                     InboundMail.outcome == RECEIVED, InboundMail.attempts == claims) == 1
+
+    with running_desk(tmp_path, sqlite_url(tmp_path), imap=imap_account, smtp=smtp_server,
+                      extra=NO_LIMITS) as desk:  # fmt: skip
+        for claims in range(1, INTAKE_QUEUE.poison_after + 1):
+            poll(lambda: at_the_killer(claims), 30, f"claim {claims} of the mail")  # noqa: B023
+            desk.kill()
+            desk.start()
+        rows = desk.wait_for_inbound(len(others) + 1, timeout=30)
+        poll(lambda: imap_account.uids("INBOX") == [], 30, "the inbox was not emptied")
+        quarantined = message_ids(imap_account, QUARANTINE)
+        processed = message_ids(imap_account, PROCESSED)
+        tickets = desk.tickets()
+    [dead] = [row for row in rows if row.message_id == killer_id]
+    assert (dead.outcome, dead.reason) == ("quarantined",
+                                           "internal error: the runner stopped while filing it")
+    assert dead.attempts == INTAKE_QUEUE.poison_after + 1
+    assert quarantined == [killer_id]
+    assert sorted(processed) == sorted(str(m["Message-ID"]) for m in others)
+    assert sorted(t.subject for t in tickets) == sorted(str(m["Subject"]) for m in others)

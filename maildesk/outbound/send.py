@@ -72,6 +72,9 @@ CLAIM_SIZE = 50
 # bounds both the write transactions per mail and the mails sent again after a crash.
 RECORD_ROWS = 20
 RECORD_SECONDS = 0.5
+# A connection kept between batches is used again only this soon after its last batch (relays
+# close idle sessions after a few minutes: Postfix after 300 s), and only if it answers a NOOP.
+KEEP_CONNECTION_SECONDS = 60.0
 _OUTBOX: sa.Table = Outbox.metadata.tables["outbox"]
 _ROW = _OUTBOX.c
 OUTBOX_QUEUE = Queue(
@@ -134,6 +137,7 @@ class OutboxSender:
         clock: Clock | None = None,
         on_give_up: GiveUpHook | None = None,
         compose_ahead: bool = False,
+        keep_connection: bool = False,
     ) -> None:
         """Prepare a sender; `retry_base` is the first backoff, doubled at each retry."""
         self.settings = settings
@@ -155,6 +159,9 @@ class OutboxSender:
         self._ahead = ComposeAhead(settings.desk.state_dir) if compose_ahead else None
         self._ahead_ids: collections.deque[int] = collections.deque()
         self._record_thread: ThreadPoolExecutor | None = None
+        # With `keep_connection`, the SMTP connection outlives its batch, for the next one.
+        self.keep_connection = keep_connection
+        self._kept: tuple[SmtpTransport, float] | None = None
 
     def _now(self) -> datetime:
         return self.clock() if self.clock is not None else utcnow()
@@ -169,6 +176,17 @@ class OutboxSender:
         if self.settings.smtp.transport == "maildir":
             return MaildirTransport(self.settings.outgoing_maildir)
         return SmtpTransport(self.settings, self.timeout, self._tls_context)
+
+    def _kept_transport(self) -> SmtpTransport | MaildirTransport:
+        """The connection kept from the last batch if it is recent and still answers, else a
+        new transport: an acknowledgement then waits for no TCP, TLS and AUTH handshake."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            transport, since = kept
+            if time.monotonic() - since < KEEP_CONNECTION_SECONDS and transport.still_open():
+                return transport
+            transport.close()
+        return self._transport()
 
     def take_back(self) -> int:
         """At start-up: make this sender's unfinished claims due at once."""
@@ -249,7 +267,7 @@ class OutboxSender:
         counts = {"sent": 0, "retry": 0, "failed": 0}
         # A row is tried once per batch, even when its retry is due at once.
         tried: list[int] = []
-        transport = self._transport()
+        transport = self._kept_transport()
         try:
             while len(tried) < limit:
                 size = min(self.claim_size, limit - len(tried))
@@ -261,7 +279,12 @@ class OutboxSender:
                 more = self.queue.last_picked >= size
                 if self._send_claims(transport, rows, counts) or not more:
                     break
-        finally:
+        except BaseException:
+            transport.close()
+            raise
+        if self.keep_connection and isinstance(transport, SmtpTransport):
+            self._kept = (transport, time.monotonic())
+        else:
             transport.close()
         return SendReport(sent=counts["sent"], retried=counts["retry"], failed=counts["failed"])
 
@@ -440,7 +463,10 @@ class OutboxSender:
         return self._record_thread
 
     def close(self) -> None:
-        """End the compose child and the recording thread, if any."""
+        """End the kept connection, the compose child and the recording thread, if any."""
+        if self._kept is not None:
+            self._kept[0].close()
+            self._kept = None
         if self._ahead is not None:
             self._ahead.close()
         if self._record_thread is not None:

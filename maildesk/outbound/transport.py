@@ -108,6 +108,21 @@ class SmtpTransport:
             self.close()
             raise TemporaryFailure(f"connection lost: {describe(exc)}") from None
 
+    def still_open(self) -> bool:
+        """Whether a connection kept from an earlier batch still answers (a NOOP); if it does
+        not, it is dropped, and the next mail opens a new one."""
+        if self._client is None:
+            return False
+        try:
+            code, _ = self._client.noop()
+        except (smtplib.SMTPException, OSError):
+            code = 0
+        if code == 250:
+            return True
+        self._client.close()
+        self._client = None
+        return False
+
     def close(self) -> None:
         if self._client is not None:
             try:

@@ -188,6 +188,37 @@ def test_a_5xx_is_final_at_once(
     assert fresh.last_error is not None and fresh.last_error.startswith("550")
 
 
+def test_a_kept_connection_serves_the_next_batches_and_a_dead_one_is_replaced(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    """The daemon's sender keeps its connection between batches, checked by a NOOP; after the
+    relay restarts, the next batch connects anew and loses nothing."""
+    sender = OutboxSender(make_settings(tmp_path, smtp_server), engine, keep_connection=True)
+    try:
+        for n in range(3):
+            add_mail(engine, n)
+            assert sender.send_batch() == SendReport(sent=1)
+        assert smtp_server.connections == 1
+        smtp_server.stop()
+        smtp_server.start(smtp_server.port)
+        add_mail(engine, 3)
+        assert sender.send_batch() == SendReport(sent=1)
+        assert smtp_server.connections == 1  # Counted since the restart: the new connection.
+        assert len({m.message["Message-ID"] for m in smtp_server.mails}) == 4
+    finally:
+        sender.close()
+
+
+def test_without_keep_connection_each_batch_has_its_own(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    sender = OutboxSender(make_settings(tmp_path, smtp_server), engine)
+    for n in range(2):
+        add_mail(engine, n)
+        assert sender.send_batch() == SendReport(sent=1)
+    assert smtp_server.connections == 2
+
+
 def test_dropped_connection_reconnects_for_the_next_rows(
     engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
 ) -> None:
