@@ -297,7 +297,8 @@ class IntakeRunner:
                 if claim.id in held:
                     reason = "internal error: the runner stopped while filing it"
                     why = claim.row.last_error or f"claimed {claim.row.attempts - 1} times"
-                    outcomes.append((_Prepared(claim.id, claim.row.attempts, Delivery("?")),
+                    outcomes.append((_Prepared(claim.id, claim.row.attempts, _delivery(claim.row),
+                                               started=time.monotonic()),
                                      self._quarantine(session, claim.id, reason, why)))
             for item in prepared:
                 if item.inbound_id not in held:
