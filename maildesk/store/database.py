@@ -14,10 +14,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from maildesk.store.write_turns import WriteTurns
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The newest migration. Every command checks the schema against it, and importing Alembic to
 # find it would cost each CLI call a third of a second; a test keeps the two in step.
 SCHEMA_HEAD = "0008"
+
+
+# How long a writer waits for SQLite's write lock (and for its turn, see write_turns.py).
+BUSY_TIMEOUT_MS = 10000
 
 
 class StoreError(Exception):
@@ -31,7 +37,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.close()
 
 
@@ -49,6 +55,7 @@ def make_engine(url: str) -> sa.Engine:
         raise StoreError(f"[store] url: cannot use this database URL: {exc}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+        WriteTurns(wait_seconds=BUSY_TIMEOUT_MS / 1000).attach(engine)
     return engine
 
 
