@@ -22,42 +22,15 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from maildesk.heap import return_freed_memory
 from maildesk.logs import get_logger
-from maildesk.outbound.compose import Draft, build, stored_files
+from maildesk.outbound.compose_child import OK, READY
 
 log = get_logger("compose")
 
-_CHILD_CODE = "from maildesk.outbound.compose_worker import child_main; child_main()"
-_OK, _FAILED = b"\x00", b"\x01"
+_CHILD_CODE = "from maildesk.outbound.compose_child import child_main; child_main()"
 # A child is replaced once it has composed this much, so that the memory of large attachments
 # goes back to the system.
 RECYCLE_AFTER_BYTES = 64 * 2**20
-
-
-def child_main() -> None:
-    """The child: compose each claim's drafts and send each mail back as soon as it is built."""
-    import signal
-
-    # Only the parent ends a child: systemd's SIGTERM to the unit must not cut a claim short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return_freed_memory()
-    incoming = Connection(int(sys.argv[1]), writable=False)
-    outgoing = Connection(int(sys.argv[2]), readable=False)
-    while True:
-        try:
-            request = incoming.recv_bytes()
-        except EOFError:
-            return
-        state_dir, drafts = pickle.loads(request)  # noqa: S301 (from the parent)
-        read_file = stored_files(Path(state_dir))
-        for text in drafts:
-            try:
-                answer = _OK + build(Draft.from_json(text), read_file)
-            except Exception as exc:
-                answer = _FAILED + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
-            outgoing.send_bytes(answer)
 
 
 class ComposeAhead:
@@ -70,23 +43,43 @@ class ComposeAhead:
         self._from_child: Connection | None = None
         self._waiting = 0  # Answers of the current claim not yet read.
         self._composed = 0
+        self._ready = False  # The child has imported what it needs and said so.
 
-    def start_claim(self, drafts: Sequence[str | None]) -> None:
-        """Hand the child the drafts of a claim (None where a row has no draft)."""
+    def warm(self) -> None:
+        """Start the child now, so that it is ready by the first claim."""
+        if self._to_child is None:
+            try:
+                self._start()
+            except OSError as exc:
+                log.warning("compose child cannot start", error=str(exc))
+
+    def start_claim(self, drafts: Sequence[str | None]) -> bool:
+        """Hand the child the drafts of a claim (None where a row has no draft); False if the
+        sender should compose this claim itself (no child, or one still starting)."""
         self._drain()
         wanted = [d for d in drafts if d is not None]
         if not wanted:
-            return
+            return False
         try:
             if self._to_child is None or self._composed > RECYCLE_AFTER_BYTES:
                 self.close()
                 self._start()
-            assert self._to_child is not None
+            assert self._to_child is not None and self._from_child is not None
+            if not self._ready:
+                # A child that is still starting would hold up the first mails after a
+                # restart by its start-up: they are composed here meanwhile.
+                if not self._from_child.poll(0):
+                    return False
+                self._ready = self._from_child.recv_bytes() == READY
+                if not self._ready:
+                    raise OSError("the compose child did not say it was ready")
             self._to_child.send_bytes(pickle.dumps((str(self.state_dir), wanted)))
             self._waiting = len(wanted)
-        except OSError as exc:
+            return True
+        except (OSError, EOFError) as exc:
             log.warning("compose child unavailable, composing in the sender", error=str(exc))
             self.close()
+            return False
 
     def next(self) -> bytes | str | None:
         """The next draft's mail; an error text if it cannot be composed; None: compose it
@@ -101,7 +94,7 @@ class ComposeAhead:
             return None
         self._waiting -= 1
         self._composed += len(answer)
-        if answer[:1] == _OK:
+        if answer[:1] == OK:
             return answer[1:]
         return answer[1:].decode("utf-8", "replace")
 
@@ -133,6 +126,7 @@ class ComposeAhead:
         self._to_child = Connection(down_write, readable=False)
         self._from_child = Connection(up_read, writable=False)
         self._composed = 0
+        self._ready = False
 
     def pid(self) -> int | None:
         """The child's process id, if one runs."""
@@ -141,6 +135,7 @@ class ComposeAhead:
     def close(self) -> None:
         """End the child, if any."""
         self._waiting = 0
+        self._ready = False
         for conn in (self._to_child, self._from_child):
             if conn is not None:
                 conn.close()

@@ -301,9 +301,9 @@ class OutboxSender:
         be; see the module's docstring.
         """
         results: list[tuple[Any, dict[str, Any], str | None]] = []
-        if self._ahead is not None:
-            self._ahead.start_claim([row.draft for row in rows])
-            self._ahead_ids = collections.deque(row.id for row in rows if row.draft is not None)
+        self._ahead_ids = collections.deque()
+        if self._ahead is not None and self._ahead.start_claim([row.draft for row in rows]):
+            self._ahead_ids.extend(row.id for row in rows if row.draft is not None)
         claimed_at = grouped_at = time.monotonic()
         untried = 0  # Index of the first claim not yet handed to the transport.
         stop = False
@@ -476,6 +476,9 @@ class OutboxSender:
             self._record_thread = None
 
     async def _run(self, stop: asyncio.Event, wake: asyncio.Event | None, limit: int) -> None:
+        # The compose child starts with the first claim, not here: at start-up it would take
+        # CPU from the parse child's start and the runner's first batch, and the claims made
+        # before it is ready are composed by the sender itself.
         try:
             taken = await asyncio.to_thread(self.take_back)
         except Exception:

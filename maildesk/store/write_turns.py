@@ -21,6 +21,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from maildesk.logs import get_logger
+
+log = get_logger("store")
+
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "ALTER", "DROP")
 
 
@@ -71,6 +75,9 @@ class WriteTurns:
         try:
             if self._lock.acquire(timeout=self.wait_seconds):
                 self._holder = dbapi_connection
+            else:
+                log.warning("write turn not given within the busy timeout",
+                            waited=self.wait_seconds)
         finally:
             self.waiting -= 1
 

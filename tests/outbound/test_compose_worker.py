@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 from maildesk.outbound.compose import Draft, build
 from maildesk.outbound.compose_worker import ComposeAhead
+
+
+def handed(ahead: ComposeAhead, drafts: list[str | None]) -> None:
+    """Hand a claim to the child once it is ready (until then the sender composes itself)."""
+    deadline = time.monotonic() + 30
+    while not ahead.start_claim(drafts):
+        assert time.monotonic() < deadline, "the compose child never became ready"
+        time.sleep(0.01)
 
 
 def draft(n: int) -> Draft:
@@ -31,7 +40,7 @@ def test_the_child_composes_a_claim_in_order_as_the_sender_would(tmp_path: Path)
     try:
         drafts = [draft(n) for n in range(5)]
         # Rows without a draft (queued before 0008) are not the child's.
-        ahead.start_claim([drafts[0].to_json(), None, *(d.to_json() for d in drafts[1:])])
+        handed(ahead, [drafts[0].to_json(), None, *(d.to_json() for d in drafts[1:])])
         answers = [ahead.next() for _ in drafts]
         assert ahead.next() is None  # Nothing more was asked.
         # The same mail as built here, but for the MIME boundaries, which are random.
@@ -43,10 +52,20 @@ def test_the_child_composes_a_claim_in_order_as_the_sender_would(tmp_path: Path)
         ahead.close()
 
 
+def test_a_claim_before_the_child_is_ready_is_left_to_the_sender(tmp_path: Path) -> None:
+    ahead = ComposeAhead(tmp_path)
+    try:
+        # The first call starts the child and cannot wait for it: the sender composes.
+        assert ahead.start_claim([draft(1).to_json()]) is False
+        assert ahead.next() is None
+    finally:
+        ahead.close()
+
+
 def test_a_draft_that_cannot_be_composed_comes_back_as_its_error(tmp_path: Path) -> None:
     ahead = ComposeAhead(tmp_path)
     try:
-        ahead.start_claim(['{"version": 99}', draft(1).to_json()])
+        handed(ahead, ['{"version": 99}', draft(1).to_json()])
         error, mail = ahead.next(), ahead.next()
         assert isinstance(error, str) and "version" in error
         assert isinstance(mail, bytes) and b"<1.maildesk@desk.example>" in mail
@@ -59,17 +78,20 @@ def test_a_dead_child_means_compose_it_yourself_and_the_next_claim_starts_anothe
 ) -> None:
     ahead = ComposeAhead(tmp_path)
     try:
-        ahead.start_claim([draft(1).to_json()])
+        handed(ahead, [draft(1).to_json()])
         assert isinstance(ahead.next(), bytes)
         first = ahead.pid()
         assert first is not None
-        ahead.start_claim([draft(2).to_json(), draft(3).to_json()])
+        handed(ahead, [draft(2).to_json(), draft(3).to_json()])
         os.kill(first, signal.SIGKILL)
         # Whatever the child wrote before it died may still be read; then None, for good.
         answers = [ahead.next(), ahead.next()]
         assert None in answers and ahead.next() is None
-        ahead.start_claim([draft(4).to_json()])
+        # The next claim starts another child, and is composed by the sender until it is ready.
+        assert ahead.start_claim([draft(4).to_json()]) is False
         assert ahead.pid() not in (None, first)
+        assert ahead.next() is None
+        handed(ahead, [draft(5).to_json()])
         assert isinstance(ahead.next(), bytes)
     finally:
         ahead.close()
