@@ -35,6 +35,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from maildesk.child_process import start_child
 from maildesk.heap import return_freed_memory
 from maildesk.mail.limits import POLICY, ParseLimits
 from maildesk.mail.message import MalformedMail, ParsedMail
@@ -191,24 +192,7 @@ class _Child:
     """One child process and the parent's ends of its two pipes."""
 
     def __init__(self, config: bytes) -> None:
-        down_read, down_write = os.pipe()
-        up_read, up_write = os.pipe()
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-P", "-c", _CHILD_CODE, str(down_read), str(up_write)],
-                pass_fds=(down_read, up_write), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # The pipes carry the answers; stderr stays ours.
-            )  # fmt: skip
-        except BaseException:
-            for fd in (down_write, up_read):
-                os.close(fd)
-            raise
-        finally:
-            # The child holds these ends now: its death is then the EOF of ours.
-            os.close(down_read)
-            os.close(up_write)
-        self.to_child = Connection(down_write, readable=False)
-        self.from_child = Connection(up_read, writable=False)
+        self.process, self.to_child, self.from_child = start_child(_CHILD_CODE)
         self.parsed_bytes = 0
         try:
             self.to_child.send_bytes(os.fsencode("\0".join(sys.path)))

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from maildesk.child_process import start_child
 from maildesk.logs import get_logger
 from maildesk.outbound.compose_child import OK, READY
 
@@ -105,26 +106,10 @@ class ComposeAhead:
         self._waiting = 0
 
     def _start(self) -> None:
-        down_read, down_write = os.pipe()
-        up_read, up_write = os.pipe()
-        try:
-            # The parent's sys.path through the environment, so that the child imports the
-            # same maildesk (a checkout, a venv) without running any script.
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            self._process = subprocess.Popen(
-                [sys.executable, "-P", "-c", _CHILD_CODE, str(down_read), str(up_write)],
-                pass_fds=(down_read, up_write), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, env=env,
-            )  # fmt: skip
-        except BaseException:
-            for fd in (down_write, up_read):
-                os.close(fd)
-            raise
-        finally:
-            os.close(down_read)
-            os.close(up_write)
-        self._to_child = Connection(down_write, readable=False)
-        self._from_child = Connection(up_read, writable=False)
+        # The parent's sys.path through the environment, so that the child imports the same
+        # maildesk (a checkout, a venv) without running any script.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process, self._to_child, self._from_child = start_child(_CHILD_CODE, env)
         self._composed = 0
         self._ready = False
 
