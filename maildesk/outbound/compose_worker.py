@@ -46,14 +46,6 @@ class ComposeAhead:
         self._composed = 0
         self._ready = False  # The child has imported what it needs and said so.
 
-    def warm(self) -> None:
-        """Start the child now, so that it is ready by the first claim."""
-        if self._to_child is None:
-            try:
-                self._start()
-            except OSError as exc:
-                log.warning("compose child cannot start", error=str(exc))
-
     def start_claim(self, drafts: Sequence[str | None]) -> bool:
         """Hand the child the drafts of a claim (None where a row has no draft); False if the
         sender should compose this claim itself (no child, or one still starting)."""

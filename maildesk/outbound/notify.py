@@ -382,7 +382,7 @@ class Notifier:
         draft = Draft(
             message_id=message_id, date=format_datetime(utcnow()),
             sender=(sender.display_name, sender.addr_spec), to=(to.display_name, to.addr_spec),
-            subject=_one_line(rendered.subject), text=rendered.text, html=rendered.html,
+            subject=rendered.subject, text=rendered.text, html=rendered.html,
             language=locale, loop=desk.domain, in_reply_to=in_reply_to,
             references=tuple(references), reply_to=reply_to, auto=auto,
             files=tuple(DraftFile(row.sha256, row.content_type, row.filename) for row in files),
