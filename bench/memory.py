@@ -43,6 +43,17 @@ def status_mib(pid: int, key: str) -> int:
     return 0
 
 
+def child_kind(pid: int) -> str:
+    """Which of the daemon's children a process is: "parse" or "compose" (by its command)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    if b"compose_child" in command:
+        return "compose"
+    return "parse" if b"mail.worker" in command else "?"
+
+
 def run(args: argparse.Namespace, rig: Rig) -> int:
     """Fill, measure the bare process, drain under the sampler; the exit code."""
     rig.start()
@@ -70,6 +81,7 @@ def run(args: argparse.Namespace, rig: Rig) -> int:
     baseline = int(bare.stdout.split()[-1])
     daemon = Daemon(config, rig.base / "desk" / "maildesk.log")
     peaks: dict[int, int] = {}
+    kinds: dict[int, str] = {}
     together = [0]
 
     def read() -> None:
@@ -78,6 +90,8 @@ def run(args: argparse.Namespace, rig: Rig) -> int:
         pids = [daemon.pid, *daemon.children()]
         for pid in pids:
             peaks[pid] = max(peaks.get(pid, 0), status_mib(pid, "VmHWM"))
+            if pid not in kinds:
+                kinds[pid] = child_kind(pid)
         together[0] = max(together[0], sum(status_mib(pid, "VmRSS") for pid in pids))
 
     started = time.monotonic()
@@ -91,12 +105,16 @@ def run(args: argparse.Namespace, rig: Rig) -> int:
     own = peaks.pop(daemon.pid, 0)
     child = max(peaks.values(), default=0)
     figure = own + child
+    by_kind: dict[str, int] = {}
+    for pid, peak in peaks.items():
+        by_kind[kinds.get(pid, "?")] = max(by_kind.get(kinds.get(pid, "?"), 0), peak)
     print(f"maildesk memory benchmark ({args.store}): N={args.n} mails, {total / 1e6:.0f} MB, "
           f"{large} with an attachment of 1-20 MB; drained in {seconds:.0f} s")
     print(f"  baseline: bare FETCH by 50 + parse, peak RSS {baseline} MiB")
-    print(f"  maildesk: daemon peak {own} MiB + largest parse child peak {child} MiB "
+    print(f"  maildesk: daemon peak {own} MiB + largest child peak {child} MiB "
           f"({len(peaks)} children) = {figure} MiB  ratio {figure / baseline:.2f}  "
           "[target <= 150 MB]")
+    print("  children's peaks: " + ", ".join(f"{k} {v} MiB" for k, v in sorted(by_kind.items())))
     print(f"  maildesk: largest sum of RSS at one instant {together[0]} MiB")
     print(f"  maildesk exited with {code} after SIGTERM")
     return 0 if code == 0 else 1

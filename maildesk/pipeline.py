@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlmodel import Session
@@ -26,6 +28,7 @@ from maildesk.logs import get_logger
 from maildesk.mail.limits import ParseLimits
 from maildesk.mail.message import Delivery, Outcome, ParsedMail
 from maildesk.mail.parse import MalformedMail, parse_mail
+from maildesk.mail.spool import discard_spooled
 from maildesk.mail.worker import ParseWorker
 from maildesk.notices import Notices
 from maildesk.outbound.notify import Notifier
@@ -36,7 +39,7 @@ from maildesk.rules.chain import Action, decide
 from maildesk.runner import IntakeRunner
 from maildesk.signing import load_reply_keys
 from maildesk.store import database, lookup
-from maildesk.store.files import read_raw
+from maildesk.store.files import prepare_spool, read_raw
 from maildesk.store.models import Account, AuditEvent, InboundMail, Ticket, utcnow
 from maildesk.store.shared import desk_secret
 
@@ -72,12 +75,15 @@ class Pipeline:
         # The daemon parses in a child process with a CPU budget, so that no mail can hold it
         # for long, memory goes back after a big mail and SIGTERM is never kept waiting; the
         # CLI and the tests parse in process.
-        self.parser = (
-            # A child is replaced after 16 MiB of mail, so the memory of a big one goes back.
-            ParseWorker(cpu_seconds=limits.parse_seconds, limits=self.parse_limits,
-                        recycle_after_bytes=16 * 2**20)
-            if parse_in_worker else None
-        )
+        self.parser: ParseWorker | None = None
+        if parse_in_worker:
+            # The child decodes large attachments into the spool, from which filing moves them;
+            # it is replaced after 16 MiB of mail, so that the memory of a big one goes back.
+            spool = prepare_spool(settings.desk.state_dir)
+            self.parser = ParseWorker(
+                cpu_seconds=limits.parse_seconds, recycle_after_bytes=16 * 2**20,
+                limits=replace(self.parse_limits, spool_dir=str(spool)),
+            )  # fmt: skip
         # Called after each commit that may have queued mail, to wake the sender.
         self.on_commit: Callable[[], object] = on_commit or (lambda: None)
         self.runner = IntakeRunner(self)
@@ -87,6 +93,12 @@ class Pipeline:
         if self.parser is not None:
             return self.parser.parse(raw)
         return parse_mail(raw, self.parse_limits)
+
+    def parse_file(self, path: Path) -> ParsedMail:
+        """Parse the raw mail kept at `path`: in the parse worker, the child reads it."""
+        if self.parser is not None:
+            return self.parser.parse_file(path)
+        return parse_mail(path.read_bytes(), self.parse_limits)
 
     def warm(self) -> None:
         """Start the parse worker's child and compile the templates now, so that the first
@@ -140,15 +152,20 @@ class Pipeline:
     ) -> Outcome:
         """Decide for one stored mail by the chain and carry out its action."""
         oversize = delivery.oversize is not None
-        if parsed is None and not oversize:
+        parsed_here = parsed is None and not oversize
+        if parsed_here:
             try:
                 parsed = self.parse(raw)
             except MalformedMail as exc:
                 parsed = exc
-        f = Filing(session, inbound, self.settings, self.notifier, self.notices, delivery,
-                   now=self.clock(), released=released, raw=raw)
-        f.decision = decide(look_up(f, parsed, oversize=oversize, keys=self.reply_keys))
-        return self._actions[f.decision.action](f)
+        try:
+            f = Filing(session, inbound, self.settings, self.notifier, self.notices, delivery,
+                       now=self.clock(), released=released, raw=raw)
+            f.decision = decide(look_up(f, parsed, oversize=oversize, keys=self.reply_keys))
+            return self._actions[f.decision.action](f)
+        finally:
+            if parsed_here:
+                discard_spooled(parsed)  # What filing kept, it moved into the store.
 
     @property
     def _actions(self) -> dict[Action, Callable[[Filing], Outcome]]:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -37,6 +38,7 @@ from maildesk.mail.message import (
     ParsedMail,
     StoreUnavailable,
 )
+from maildesk.mail.spool import discard_spooled
 from maildesk.mail.worker import WorkerStopped
 from maildesk.outbound.notify import silenced
 from maildesk.store import database
@@ -48,6 +50,8 @@ from maildesk.store.queue import Clock, QueueWorker
 log = get_logger("runner")
 
 BATCH_SIZE = 20  # mails per claim and per filing transaction
+# A mail larger than this is not read by the runner: the parser reads its file itself.
+READ_BYTES = 1024 * 1024
 # A batch's mails are all in memory at once, raw and parsed (with their attachments' bytes):
 # a claim stops short of this many bytes of raw mail, so that a backlog of large mails is
 # filed one or two at a time instead of twenty (a mail larger than this goes alone).
@@ -82,6 +86,9 @@ class Filer(Protocol):
 
     def parse(self, raw: bytes) -> ParsedMail:
         """Parse within the configured bounds (MalformedMail when a bound is broken)."""
+
+    def parse_file(self, path: Path) -> ParsedMail:
+        """Parse the mail kept at `path`, as parse() does, without reading it here."""
 
     def file(
         self, session: Session, inbound: InboundMail, raw: bytes, delivery: Delivery,
@@ -199,7 +206,7 @@ class IntakeRunner:
         self._retry_releases()
         columns = [_INBOUND.raw_path, _INBOUND.source, _INBOUND.mailbox, _INBOUND.uidvalidity,
                    _INBOUND.uid, _INBOUND.envelope_from, _INBOUND.recipients, _INBOUND.oversize,
-                   _INBOUND.received_at]
+                   _INBOUND.received_at, _INBOUND.size]
         # A mail claimed before without an outcome is a suspect: the process may have died of
         # it, or of any other mail of its batch. Suspects are filed alone, so that each later
         # crash counts against the one mail that caused it, and good mails are not poisoned
@@ -224,7 +231,12 @@ class IntakeRunner:
                 if time.monotonic() - renewed > self.worker.lease.total_seconds() / 3:
                     self.worker.renew([c.id for c in claims])
                     renewed = time.monotonic()
-            self._commit(prepared, poison)
+            try:
+                self._commit(prepared, poison)
+            finally:
+                # Filing moved the spooled attachments it kept into the store; the rest go.
+                for item in prepared:
+                    discard_spooled(item.parsed)
         except BaseException as exc:
             # Nothing of the batch was written. A lost database or a stop says nothing of the
             # mails, so their attempts are given back; a bug in the runner itself counts.
@@ -256,8 +268,11 @@ class IntakeRunner:
         """Read and parse one claimed mail, outside any transaction."""
         item = _Prepared(row.id, row.attempts, _delivery(row), started=time.monotonic(),
                          received_at=_aware(row.received_at))
+        # A large mail goes to the parser by its file, so that this process never holds it.
+        by_file = row.size is not None and row.size > READ_BYTES and item.delivery.oversize is None
         try:
-            item.raw = read_raw(self.state_dir, row.raw_path)
+            if not by_file:
+                item.raw = read_raw(self.state_dir, row.raw_path)
         except OSError as exc:
             if is_temporary(exc):
                 raise
@@ -266,7 +281,10 @@ class IntakeRunner:
         if item.delivery.oversize is not None:
             return item  # Only its header was taken; the pipeline reads that itself.
         try:
-            item.parsed = self.filer.parse(item.raw)
+            if by_file:
+                item.parsed = self.filer.parse_file(self.state_dir / row.raw_path)
+            else:
+                item.parsed = self.filer.parse(item.raw)
         except MalformedMail as exc:
             item.parsed = exc
         except Exception as exc:

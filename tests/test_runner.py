@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from e2e import CUSTOMER, DESK, customer_mail
 from sqlmodel import Session, select
+from support_fixtures import make_pipeline
 
 from maildesk.mail.message import Delivery, MalformedMail, Outcome, ParsedMail
 from maildesk.pipeline import Pipeline
 from maildesk.runner import IntakeRunner
+from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path
 from maildesk.store.intake import INTAKE_QUEUE, Arrival, store_arrivals
-from maildesk.store.models import InboundMail, Outbox, Ticket, utcnow
+from maildesk.store.models import Attachment, InboundMail, Outbox, Ticket, utcnow
 from maildesk.store.queue import QueueWorker
 
 SMTP = Delivery(source="smtp", envelope_from=CUSTOMER, recipients=(DESK,))
@@ -190,3 +195,35 @@ def test_a_missing_raw_file_fails_the_mail_not_the_batch(
     row = inbound(engine, lost)
     assert (row.outcome, row.reason) == ("quarantined", "internal error: FileNotFoundError")
     assert inbound(engine, kept).outcome == "ticket"
+
+
+def test_a_large_attachment_goes_from_the_parse_child_to_the_store_and_the_spool_empties(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    pipeline = make_pipeline(engine, tmp_path)
+    daemon_like = Pipeline(pipeline.settings, engine, parse_in_worker=True)
+    state_dir = pipeline.settings.desk.state_dir
+    pdf = random.Random(7).randbytes(3 * 2**20)
+    mails = []
+    for sender in (CUSTOMER, "stranger@elsewhere.example"):
+        mail = customer_mail(subject=f"export from {sender}", sender=sender)
+        mail.add_attachment(pdf, maintype="application", subtype="pdf", filename="export.pdf")
+        mails.append(Arrival(mail.as_bytes(), SMTP))
+    try:
+        ids = [a.inbound_id for a in store_arrivals(engine, state_dir, mails)]
+        assert IntakeRunner(daemon_like, owner="test").file_batch() == 1  # Over 1 MiB: alone.
+        assert IntakeRunner(daemon_like, owner="test").file_batch() == 1
+    finally:
+        assert daemon_like.parser is not None
+        daemon_like.parser.close()
+    assert [inbound(engine, i).outcome for i in ids] == ["ticket", "quarantined"]
+    with Session(engine) as session:
+        [row] = session.exec(select(Attachment)).all()
+    assert (row.filename, row.size, row.sha256) == (
+        "export.pdf",
+        len(pdf),
+        hashlib.sha256(pdf).hexdigest(),
+    )
+    assert content_path(state_dir, ATTACHMENTS_DIR, row.sha256).read_bytes() == pdf
+    # The customer's file moved into the store; the stranger's, quarantined, was removed.
+    assert list((state_dir / SPOOL_DIR).iterdir()) == []

@@ -39,6 +39,10 @@ class ParseLimits:
     max_params: int = 64  # Parameters of one Content-Type or Content-Disposition.
     max_comment_depth: int = 50  # Nested parentheses in one header field.
     max_text_chars: int = 2_000_000  # Decoded text kept (longer text is cut, with a marker).
+    # Where base64 attachments of spool_part_bytes or more are decoded to, instead of into
+    # memory (mail/spool.py); None keeps every part in memory.
+    spool_dir: str | None = None
+    spool_part_bytes: int = 1024 * 1024
 
 
 TRUNCATION_MARKER = "[maildesk: the rest of this text was cut, it was over {limit} characters]"
@@ -213,6 +217,22 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 _NOT_PARENS = bytes(c for c in range(256) if c not in b"()")
 
 
+class LeafSpan(NamedTuple):
+    """Where a leaf part nested in a multipart sits in the raw mail, as the feed parser sees it."""
+
+    start: int  # Its header section.
+    body: int  # Its body, after the blank line.
+    end: int  # The line break before the next delimiter line (or the end of the mail).
+    content_type: str
+
+
+class Shape(NamedTuple):
+    """A mail that passed `scan_shape`: its bytes, and the spans of its nested leaf parts."""
+
+    raw: bytes
+    leaves: list[LeafSpan]
+
+
 class _Multipart(NamedTuple):
     """An open multipart while scanning: its delimiter and where its parts sit."""
 
@@ -223,6 +243,11 @@ class _Multipart(NamedTuple):
 
 def check_shape(raw: bytes, limits: ParseLimits) -> bytes:
     """Refuse a mail that breaks a bound; return it with bare CR line ends made CRLF."""
+    return scan_shape(raw, limits).raw
+
+
+def scan_shape(raw: bytes, limits: ParseLimits) -> Shape:
+    """Refuse a mail that breaks a bound; return it (bare CRs made CRLF) and its leaf parts."""
     if len(raw) > limits.max_mail_bytes:
         raise MalformedMail(f"too large ({len(raw)} bytes, the limit is {limits.max_mail_bytes})")
     # The feed parser ends lines at a bare CR too: making them CRLF lets the scans below see
@@ -231,8 +256,9 @@ def check_shape(raw: bytes, limits: ParseLimits) -> bytes:
         raw = _BARE_CR.sub(b"\r\n", raw)
     if raw.count(b"\n") > limits.max_lines:
         raise MalformedMail(f"too many lines (over {limits.max_lines})")
-    _Scan(raw, limits).run()
-    return raw
+    scan = _Scan(raw, limits)
+    scan.run()
+    return Shape(raw, scan.leaves)
 
 
 class _Scan:
@@ -244,12 +270,16 @@ class _Scan:
         self.open: list[_Multipart] = []
         self.delimiters: re.Pattern[bytes] | None = None
         self.parts = 1
+        self.leaves: list[LeafSpan] = []
+        self.part_end = len(raw)  # Where the last part that _next_part left ends.
 
     def run(self) -> None:
         """Walk the entities from the top, refusing the mail at the first bound it breaks."""
         pos, depth, default = 0, 0, "text/plain"
         while True:
+            start, nested = pos, self.delimiters is not None
             content_type, boundary, pos = self._header_section(pos, default)
+            leaf = False
             if content_type == "message/delivery-status":
                 self._deeper(depth)  # Its blocks are parts one level down, and end there.
                 pos = self._status_blocks(pos)
@@ -264,7 +294,11 @@ class _Scan:
                 digest = content_type == "multipart/digest"
                 self.open.append(_Multipart(b"--" + boundary, depth, digest))
                 self._compile()
+            else:
+                leaf = nested
             next_part = self._next_part(pos)
+            if leaf:
+                self.leaves.append(LeafSpan(start, pos, max(pos, self.part_end), content_type))
             if next_part is None:
                 return
             pos, depth, default = next_part
@@ -299,10 +333,18 @@ class _Scan:
 
     def _next_part(self, pos: int) -> tuple[int, int, str] | None:
         """Find the next part that starts after pos: (its start, its depth, its default type)."""
+        self.part_end = len(self.raw)
+        first = True
         while self.delimiters is not None:
             found = self.delimiters.search(self.raw, pos)
             if found is None:
                 return None
+            if first:
+                # The line break before a delimiter line belongs to the delimiter (RFC 2046).
+                end = found.start()
+                if end > pos and self.raw[end - 1] == 10:
+                    end -= 2 if end - 1 > pos and self.raw[end - 2] == 13 else 1
+                self.part_end, first = end, False
             index = self._which(found)
             del self.open[index + 1 :]
             pos = _line_end(self.raw, found.end())

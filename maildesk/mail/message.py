@@ -80,14 +80,40 @@ AsyncHandler = Callable[[bytes, Delivery], Awaitable[Stored]]
 
 
 @dataclass(frozen=True)
+class SpooledFile:
+    """A large attachment that parsing decoded straight into a file instead of into memory."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ParsedAttachment:
-    """A non-body MIME part: a real attachment or an inline image."""
+    """A non-body MIME part: a real attachment or an inline image.
+
+    Its content is `data`, or, for a large part that the parse spooled, the file `spooled`
+    (then `data` is empty): whoever files the mail moves that file into the store.
+    """
 
     filename: str
     content_type: str
     data: bytes
     inline: bool
     content_id: str | None
+    spooled: SpooledFile | None = None
+
+    @property
+    def size(self) -> int:
+        """The decoded content's length in bytes."""
+        return self.spooled.size if self.spooled is not None else len(self.data)
+
+    def read(self) -> bytes:
+        """The decoded content, read from its spool file if it has one."""
+        if self.spooled is None:
+            return self.data
+        with open(self.spooled.path, "rb") as spooled:
+            return spooled.read()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.parser import BytesParser
+from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote
 
@@ -25,12 +26,13 @@ from maildesk.mail.limits import (
     POLICY,
     TRUNCATION_MARKER,
     ParseLimits,
-    check_shape,
     decode_text,
     fix_8bit,
     rfc2231_text,
+    scan_shape,
 )
-from maildesk.mail.message import MalformedMail, ParsedAttachment, ParsedMail
+from maildesk.mail.message import MalformedMail, ParsedAttachment, ParsedMail, SpooledFile
+from maildesk.mail.spool import SPOOL_FIELD, discard, spool_large_parts
 
 # The default bounds, under the names they had before ParseLimits.
 MAX_MAIL_BYTES = ParseLimits.max_mail_bytes
@@ -279,9 +281,10 @@ def _body_text(part: EmailMessage, limit: int) -> tuple[str, bool]:
     return tidy_lines(text), cut
 
 
-def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
-    """Build a ParsedAttachment from a non-body leaf part."""
+def _attachment(leaf: _Leaf, cids: set[str], spooled: dict[str, SpooledFile]) -> ParsedAttachment:
+    """Build a ParsedAttachment from a non-body leaf part (its content spooled, if it was)."""
     part, name = leaf.part, leaf.filename
+    spool = spooled.get(_first_header(part, SPOOL_FIELD).strip()) if spooled else None
     content_type = leaf.content_type
     if not _MIME_TYPE.fullmatch(content_type):
         content_type = "application/octet-stream"
@@ -298,6 +301,8 @@ def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
         if name is None and content_type == "message/rfc822" and inner:
             subject = clean_text(_decode_words(_first_header(inner[0], "Subject")), multiline=False)
             name = (subject or "message") + ".eml"
+    elif spool is not None:
+        data = b""
     else:
         decoded = part.get_payload(decode=True)
         data = decoded if isinstance(decoded, bytes) else b""
@@ -310,6 +315,7 @@ def _attachment(leaf: _Leaf, cids: set[str]) -> ParsedAttachment:
         data=data,
         inline=referenced or inline_image,
         content_id=content_id,
+        spooled=spool,
     )
 
 
@@ -318,16 +324,27 @@ def parse_mail(raw: bytes, limits: ParseLimits | None = None) -> ParsedMail:
     limits = limits or ParseLimits()
     if not raw or not raw.strip():
         raise MalformedMail("empty input")
+    spooled: dict[str, SpooledFile] = {}
     try:
-        return _parse(check_shape(raw, limits), limits)
+        raw, leaves = scan_shape(raw, limits)
+        if limits.spool_dir is not None:
+            raw, spooled = spool_large_parts(
+                raw, leaves, Path(limits.spool_dir), limits.spool_part_bytes
+            )
+        mail = _parse(raw, limits, spooled)
     except MalformedMail:
+        discard(spooled.values())
         raise
     except Exception as exc:  # The email package has no common base class for its failures.
+        discard(spooled.values())
         detail = clean_text(str(exc), multiline=False)[:200]
         raise MalformedMail(f"cannot parse mail ({type(exc).__name__}: {detail})") from exc
+    taken = {id(a.spooled) for a in mail.attachments if a.spooled is not None}
+    discard(f for f in spooled.values() if id(f) not in taken)
+    return mail
 
 
-def _parse(raw: bytes, limits: ParseLimits) -> ParsedMail:
+def _parse(raw: bytes, limits: ParseLimits, spooled: dict[str, SpooledFile]) -> ParsedMail:
     """Do the work of parse_mail, letting any exception escape."""
     msg = BytesParser(policy=POLICY).parsebytes(raw)
     if not isinstance(msg, EmailMessage) or not msg.keys():
@@ -355,7 +372,7 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMail:
     cids = {unquote(ref).lower() for ref in _CID_REF.findall(html_source or "")}
     body_ids = {id(leaf.part) for leaf in [*plains, html_leaf] if leaf is not None}
     attachments = [
-        _attachment(leaf, cids)
+        _attachment(leaf, cids, spooled)
         for leaf in leaves
         if id(leaf.part) not in body_ids
         # Unnamed inline text parts left over are other renderings of the body, not attachments.

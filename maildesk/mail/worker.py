@@ -40,6 +40,7 @@ from maildesk.heap import return_freed_memory
 from maildesk.mail.limits import POLICY, ParseLimits
 from maildesk.mail.message import MalformedMail, ParsedMail
 from maildesk.mail.parse import parse_mail
+from maildesk.mail.spool import discard
 
 ParseFunction = Callable[[bytes, ParseLimits], ParsedMail]
 
@@ -48,6 +49,9 @@ _POLICIES: dict[str, email.policy.Policy] = {"maildesk": POLICY, "default": emai
 # What a pickled result may name: the classes a parsed mail is made of, and nothing that runs.
 _SAFE_MODULES = ("email.", "maildesk.mail.message", "datetime")
 _EXIT_NO_MEMORY = 86  # The child's exit code when it could not even read the mail.
+# A request to the child: a mail's bytes, or the path of a file holding them, so that the daemon
+# need not read a large mail only to pass it on.
+_MAIL, _FILE = b"M", b"F"
 _REAP_SECONDS = 5.0  # How long a child that was killed, or closed its pipe, may take to go.
 # -P: the daemon's working directory, its state directory, is not a place to import from.
 _CHILD_CODE = "from maildesk.mail.worker import child_main; child_main()"
@@ -146,6 +150,22 @@ def _answer(parse: ParseFunction, raw: bytes, limits: ParseLimits) -> tuple[str,
         return "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
+def _answer_request(
+    parse: ParseFunction, request: bytes, limits: ParseLimits
+) -> tuple[str, object]:
+    """Answer one request: a mail's bytes after _MAIL, or the path of its file after _FILE."""
+    if request.startswith(_FILE):
+        try:
+            with open(os.fsdecode(request[len(_FILE) :]), "rb") as stored:
+                raw = stored.read()
+        except MemoryError:
+            return "memory", None
+        except OSError as exc:
+            return "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}"
+        return _answer(parse, raw, limits)
+    return _answer(parse, request[len(_MAIL) :], limits)
+
+
 def child_main() -> None:
     """The child: parse each mail that comes down the pipe, and send back the pickled answer."""
     # Only the parent ends a parse: a Ctrl-C in a terminal, or systemd's SIGTERM to the whole
@@ -166,15 +186,15 @@ def child_main() -> None:
         _set_soft_limit(resource.RLIMIT_AS, address_space + max_memory)
     while True:
         try:
-            raw = incoming.recv_bytes()
+            request = incoming.recv_bytes()
         except EOFError:
             return  # The parent closed the pipe, or is gone.
         except MemoryError:
             os._exit(_EXIT_NO_MEMORY)  # The rest of the mail is still in the pipe: no going on.
         used = resource.getrusage(resource.RUSAGE_SELF)
         _set_soft_limit(resource.RLIMIT_CPU, math.ceil(used.ru_utime + used.ru_stime + budget))
-        kind, value = _answer(parse, raw, limits)
-        del raw
+        kind, value = _answer_request(parse, request, limits)
+        del request
         try:
             reply = dump_result((kind, value, _rss()))
         except MemoryError:
@@ -263,10 +283,10 @@ class ParseWorker:
         self.wall_seconds = 3 * cpu_seconds + 1 if wall_seconds is None else wall_seconds
         self.max_rss_bytes = max_rss_bytes
         self.recycle_after_bytes = recycle_after_bytes
+        limits = limits or ParseLimits()
+        self._spool_dir = None if limits.spool_dir is None else os.path.realpath(limits.spool_dir)
         # Pickled here, so that a parse function that cannot be sent fails now, not per child.
-        self._config = pickle.dumps(
-            (parse_function, limits or ParseLimits(), cpu_seconds, max_rss_bytes)
-        )
+        self._config = pickle.dumps((parse_function, limits, cpu_seconds, max_rss_bytes))
         self.started = 0  # Children started so far.
         self.recycled = 0  # Children ended for their memory, or after a parse that broke them.
         self._slots = [_Slot() for _ in range(processes)]
@@ -279,9 +299,19 @@ class ParseWorker:
 
         WorkerStopped once stop() was called; OSError if no child could be started.
         """
+        return self._request(_MAIL + raw, len(raw))
+
+    def parse_file(self, path: str | os.PathLike[str]) -> ParsedMail:
+        """Parse the mail kept in a file, which the child reads itself; as parse() otherwise.
+
+        OSError when the child cannot read the file.
+        """
+        return self._request(_FILE + os.fsencode(path), os.path.getsize(path))
+
+    def _request(self, request: bytes, size: int) -> ParsedMail:
         slot = self._take()
         try:
-            return self._parse_in(slot, raw)
+            return self._parse_in(slot, request, size)
         finally:
             with self._pool:
                 self._idle.append(slot)
@@ -336,10 +366,10 @@ class ParseWorker:
             slot.kill()
         return child
 
-    def _parse_in(self, slot: _Slot, raw: bytes) -> ParsedMail:
+    def _parse_in(self, slot: _Slot, request: bytes, size: int) -> ParsedMail:
         child = slot.child or self._start(slot)
         try:
-            child.to_child.send_bytes(raw)
+            child.to_child.send_bytes(request)
             deadline = time.monotonic() + self.wall_seconds
             while not child.from_child.poll(max(0.0, deadline - time.monotonic())):
                 if time.monotonic() >= deadline:
@@ -356,18 +386,33 @@ class ParseWorker:
             self._recycle(slot)
             raise MalformedMail(f"parser crashed: its result was unreadable ({exc})") from None
         del reply
-        child.parsed_bytes += len(raw)
+        child.parsed_bytes += size
         too_big = self.max_rss_bytes is not None and rss > self.max_rss_bytes
         if kind in ("memory", "error") or too_big or child.parsed_bytes > self.recycle_after_bytes:
             # Running out of memory, or a bug, may have left the child fragmented or damaged.
             self._recycle(slot)
         if kind == "ok" and isinstance(value, ParsedMail):
+            self._check_spooled(value)
             return value
         if kind == "malformed":
             raise MalformedMail(str(value))
+        if kind == "unreadable":
+            raise OSError(f"the parse worker could not read the mail: {value}")
         if kind == "memory":
             raise MalformedMail(self._memory_reason())
         raise MalformedMail(f"parser crashed: {value if kind == 'error' else 'no ParsedMail'}")
+
+    def _check_spooled(self, mail: ParsedMail) -> None:
+        """Refuse a result naming a spool file outside the spool: filing would move that file."""
+        spooled = [a.spooled for a in mail.attachments if a.spooled is not None]
+        inside = [
+            f for f in spooled
+            if self._spool_dir is not None
+            and os.path.dirname(os.path.realpath(f.path)) == self._spool_dir
+        ]  # fmt: skip
+        if len(inside) < len(spooled):
+            discard(inside)  # Only its own files: the others are none of ours to remove.
+            raise MalformedMail("parser crashed: it named a file outside the spool")
 
     def _recycle(self, slot: _Slot) -> None:
         slot.retire()

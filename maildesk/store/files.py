@@ -7,13 +7,16 @@ that points at nothing. Writing the same content twice is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 RAW_DIR = "raw"
 ATTACHMENTS_DIR = "attachments"
+SPOOL_DIR = "spool"  # Large attachments decoded by the parse, until filing moves them.
 
 
 def sha256_hex(data: bytes) -> str:
@@ -36,11 +39,42 @@ def write_once(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+
+
+def move_once(path: Path, source: Path) -> None:
+    """Move the file `source` to `path` durably and atomically, unless `path` is there already."""
+    if path.exists():
+        source.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(source, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(directory)
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
+
+
+def prepare_spool(state_dir: Path, *, stale_seconds: float = 3600.0) -> Path:
+    """The spool directory, where parsing decodes large attachments, emptied of stale files.
+
+    A file is stale when no parse can still be using it: one left by a process that died.
+    """
+    spool = state_dir / SPOOL_DIR
+    spool.mkdir(parents=True, exist_ok=True)
+    too_old = time.time() - stale_seconds
+    for entry in spool.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.is_file() and entry.stat().st_mtime < too_old:
+                entry.unlink()
+    return spool
 
 
 def content_path(state_dir: Path, kind: str, digest: str) -> Path:

@@ -8,7 +8,13 @@ from pathlib import Path
 from sqlmodel import Session
 
 from maildesk.mail.message import ParsedMail
-from maildesk.store.files import ATTACHMENTS_DIR, content_path, sha256_hex, write_once
+from maildesk.store.files import (
+    ATTACHMENTS_DIR,
+    content_path,
+    move_once,
+    sha256_hex,
+    write_once,
+)
 from maildesk.store.models import Account, Agent, Attachment, AuditEvent, Message, Ticket, utcnow
 
 MAX_SUBJECT = 998
@@ -66,15 +72,19 @@ def add_message(
     session.add(message)
     session.flush()
     for part in mail.attachments:
-        digest = sha256_hex(part.data)
-        write_once(content_path(state_dir, ATTACHMENTS_DIR, digest), part.data)
+        if part.spooled is not None:
+            digest = part.spooled.sha256
+            move_once(content_path(state_dir, ATTACHMENTS_DIR, digest), Path(part.spooled.path))
+        else:
+            digest = sha256_hex(part.data)
+            write_once(content_path(state_dir, ATTACHMENTS_DIR, digest), part.data)
         session.add(
             Attachment(
                 message_id=message.id,  # type: ignore[arg-type]
                 sha256=digest,
                 filename=part.filename,
                 content_type=part.content_type[:255],
-                size=len(part.data),
+                size=part.size,
                 inline=part.inline,
                 content_id=part.content_id,
             )

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from maildesk.mail.limits import POLICY, ParseLimits
-from maildesk.mail.message import MalformedMail, ParsedMail
+from maildesk.mail.message import MalformedMail, ParsedAttachment, ParsedMail, SpooledFile
 from maildesk.mail.parse import parse_mail
 from maildesk.mail.worker import ParseWorker, WorkerStopped, dump_result, load_result
 
@@ -65,6 +65,12 @@ def hostile_parse(raw: bytes, limits: ParseLimits) -> ParsedMail:
         threading.Event().wait()
     if command == b"X-Test-Raise:":
         raise ValueError("a bug in the parser")
+    if command == b"X-Test-Escape:":
+        # A child gone wrong naming a file of the daemon's as the spool file of an attachment.
+        mail = parse_mail(raw.partition(b"\n")[2], limits)
+        escaped = SpooledFile(path=argument.decode(), size=1, sha256="0" * 64)
+        attachment = ParsedAttachment("x.pdf", "application/pdf", b"", False, None, escaped)
+        return dataclasses.replace(mail, attachments=[attachment])
     if command == b"X-Test-Hoard:":
         # Written to, so resident: the child ends 8 MiB over the target.
         _HOARD.append(b"\x01" * max(0, HOARD_TARGET + 8 * 2**20 - _resident()))
@@ -293,3 +299,38 @@ def test_child_is_recycled_when_its_memory_grew() -> None:
         mail = hoarding.parse(command("Hoard"))
         assert mail.subject.startswith("Re:")
         assert (hoarding.recycled, hoarding.pids) == (1, [])
+
+
+def test_a_large_mail_is_read_from_its_file_by_the_child_which_spools_its_attachment(
+    tmp_path: Path,
+) -> None:
+    raw = big_mail(3 * 2**20)
+    (stored := tmp_path / "mail.eml").write_bytes(raw)
+    (spool := tmp_path / "spool").mkdir()
+    with ParseWorker(limits=ParseLimits(spool_dir=str(spool))) as reading:
+        parsed = reading.parse_file(stored)
+    [attachment] = parsed.attachments
+    assert attachment.spooled is not None and Path(attachment.spooled.path).parent == spool
+    assert attachment.read() == parse_mail(raw).attachments[0].data
+    assert parsed.text == parse_mail(raw).text
+
+
+def test_a_mail_file_the_child_cannot_read_is_an_os_error_and_the_child_goes_on(
+    tmp_path: Path,
+) -> None:
+    with ParseWorker() as reading:
+        with pytest.raises(OSError, match="could not read the mail: IsADirectoryError"):
+            reading.parse_file(tmp_path)  # It exists, as a directory, so only the child fails.
+        assert reading.parse(sample("gmail_en_reply.eml")).from_address
+
+
+def test_a_result_naming_a_file_outside_the_spool_is_refused_and_the_file_kept(
+    tmp_path: Path,
+) -> None:
+    (keep := tmp_path / "daemon-secret").write_bytes(b"not an attachment")
+    (spool := tmp_path / "spool").mkdir()
+    with ParseWorker(limits=ParseLimits(spool_dir=str(spool)), parse_function=hostile_parse) as w:
+        assert reason(w, command("Escape", str(keep).encode())) == (
+            "parser crashed: it named a file outside the spool"
+        )
+    assert keep.read_bytes() == b"not an attachment"
