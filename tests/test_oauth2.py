@@ -191,6 +191,9 @@ class Intake:
         return [Accepted(len(self.raws) - len(arrivals) + i + 1, False)
                 for i in range(len(arrivals))]  # fmt: skip
 
+    def raw_writer(self) -> None:
+        return None  # Large mails are fetched whole, so that their bytes are in the arrival.
+
     def checkpoint(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, int]:
         return {}
 

@@ -23,9 +23,10 @@ from imapclient.exceptions import IMAPClientError, LoginError
 
 from maildesk import metrics, oauth2
 from maildesk.config import ImapSettings
-from maildesk.ingress.imap import ImapConnection
+from maildesk.ingress.imap import PIECE_BYTES, ImapConnection
 from maildesk.logs import get_logger
 from maildesk.mail.message import Delivery, StoreUnavailable
+from maildesk.store.files import RawWriter
 from maildesk.store.intake import Accepted, Arrival
 from maildesk.store.models import RECEIVED
 
@@ -56,6 +57,9 @@ class Intake(Protocol):
 
     def outcomes(self, ids: list[int]) -> dict[int, str]:
         """Each row's state: "received" until filed, then its outcome."""
+
+    def raw_writer(self) -> RawWriter | None:
+        """A new raw file to write a large mail into as it is fetched; None: fetch it whole."""
 
 
 class ImapFetcher:
@@ -201,6 +205,12 @@ class ImapFetcher:
             for group, headers_only in plan_downloads(chunk, sizes, self._max_mail_bytes):
                 if stop.is_set():
                     break
+                [first, *others] = group
+                if not headers_only and not others and sizes[first] > PIECE_BYTES:
+                    writer = await asyncio.to_thread(self._intake.raw_writer)
+                    if writer is not None:
+                        stored += await self._download_in_pieces(conn, uidvalidity, first, writer)
+                        continue
                 oversizes = {uid: sizes[uid] for uid in group} if headers_only else {}
                 stored += await self._download(conn, uidvalidity, group, oversizes)
             # Moving a whole batch at once costs one command instead of fifty.
@@ -232,6 +242,10 @@ class ImapFetcher:
             )  # fmt: skip
             arrivals.append(Arrival(raws.pop(uid), delivery))
             order.append(uid)
+        return await self._store(arrivals, order)
+
+    async def _store(self, arrivals: list[Arrival], order: list[int]) -> int:
+        """Store fetched mails in one commit, and note them as pending; how many were stored."""
         if not arrivals:
             return 0
         accepted = await asyncio.to_thread(self._intake.store, arrivals)
@@ -240,6 +254,25 @@ class ImapFetcher:
             (uid, item.inbound_id) for uid, item in zip(order, accepted, strict=True)
         )
         return len(arrivals)
+
+    async def _download_in_pieces(
+        self, conn: ImapConnection, uidvalidity: int, uid: int, writer: RawWriter
+    ) -> int:
+        """Fetch one large mail piece by piece into its raw file, then store it; 1 or 0."""
+
+        def fetch() -> tuple[str, str, int] | None:
+            with writer:
+                if not conn.body_in_pieces(uid, writer.write):
+                    return None
+                return (*writer.keep(), writer.size)
+
+        kept = await asyncio.to_thread(fetch)
+        if kept is None:
+            return 0
+        delivery = Delivery(
+            source="imap", mailbox=self._settings.folder, uidvalidity=uidvalidity, uid=uid
+        )
+        return await self._store([Arrival(b"", delivery, kept)], [uid])
 
     async def _move_filed(self, conn: ImapConnection) -> int:
         """Move the pending mails that the runner has filed, by their outcome; how many."""

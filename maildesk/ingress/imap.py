@@ -11,6 +11,7 @@ import contextlib
 import io
 import ssl
 import time
+from collections.abc import Callable
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
@@ -21,6 +22,7 @@ from maildesk.logs import get_logger
 log = get_logger("fetch")
 
 HEADER_CAP = 256 * 1024  # the most of an oversized mail's header section that is downloaded
+PIECE_BYTES = 1024 * 1024  # the bytes of a large mail fetched at a time
 IDLE_CHECK_SECONDS = 1.0  # how often IDLE looks at `stop`
 IDLE_BLIND_SECONDS = 5.0  # the IDLE bound when imaplib's read buffer cannot be inspected
 
@@ -86,6 +88,22 @@ class ImapConnection:
         """Fetch raw mails without setting \\Seen (BODY.PEEK), keyed by UID."""
         data = self.client.fetch(uids, ["BODY.PEEK[]"])
         return {int(uid): bytes(item[b"BODY[]"]) for uid, item in data.items()}
+
+    def body_in_pieces(self, uid: int, write: Callable[[bytes], object]) -> bool:
+        """Fetch one raw mail PIECE_BYTES at a time into `write`; False if it is gone."""
+        # Partial FETCHes, so that a large mail is never in memory whole: imaplib and imapclient
+        # hold about four copies of a literal while they read and parse it.
+        offset = 0
+        while True:
+            data = self.client.fetch([uid], [f"BODY.PEEK[]<{offset}.{PIECE_BYTES}>"])
+            item = data.get(uid)
+            if item is None:
+                return False  # Expunged by someone else meanwhile.
+            piece = item.get(b"BODY[]<%d>" % offset) or b""
+            write(piece)
+            offset += len(piece)
+            if len(piece) < PIECE_BYTES:
+                return True
 
     def headers(self, uids: list[int]) -> dict[int, bytes]:
         """Fetch at most HEADER_CAP bytes of each mail's header section, keyed by UID."""

@@ -322,7 +322,7 @@ def _attachment(leaf: _Leaf, cids: set[str], spooled: dict[str, SpooledFile]) ->
 def parse_mail(raw: bytes, limits: ParseLimits | None = None) -> ParsedMail:
     """Parse raw RFC 5322 bytes into a ParsedMail; raise MalformedMail if the mail is unusable."""
     limits = limits or ParseLimits()
-    if not raw or not raw.strip():
+    if not raw or raw.isspace():  # Not strip(): that would copy a large mail.
         raise MalformedMail("empty input")
     spooled: dict[str, SpooledFile] = {}
     try:

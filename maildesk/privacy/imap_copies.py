@@ -44,6 +44,9 @@ class _NoIntake:
     def checkpoint(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, int]:
         return {}
 
+    def raw_writer(self) -> None:
+        return None
+
     def outcomes(self, ids: list[int]) -> dict[int, str]:
         return {}
 

@@ -77,6 +77,43 @@ def prepare_spool(state_dir: Path, *, stale_seconds: float = 3600.0) -> Path:
     return spool
 
 
+class RawWriter:
+    """A raw mail written as it arrives, piece by piece, then kept under its SHA-256.
+
+    Use it as a context manager: leaving it without `keep()` removes what was written.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        (state_dir / RAW_DIR).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=state_dir / RAW_DIR, prefix=".tmp-")
+        self._path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, piece: bytes) -> None:
+        """Append a piece of the mail."""
+        self._file.write(piece)
+        self._digest.update(piece)
+        self.size += len(piece)
+
+    def keep(self) -> tuple[str, str]:
+        """Make the mail durable under its SHA-256: that, and its path relative to state_dir."""
+        digest = self._digest.hexdigest()
+        self._file.close()
+        path = content_path(self.state_dir, RAW_DIR, digest)
+        move_once(path, self._path)
+        return digest, str(path.relative_to(self.state_dir))
+
+    def __enter__(self) -> RawWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._file.close()
+        self._path.unlink(missing_ok=True)  # Gone already once kept.
+
+
 def content_path(state_dir: Path, kind: str, digest: str) -> Path:
     """Where the file with that digest lives."""
     return state_dir / kind / digest[:2] / digest

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from maildesk.mail.message import Delivery, StoreUnavailable
-from maildesk.store.files import RAW_DIR, content_path, sha256_hex, write_once
+from maildesk.store.files import RAW_DIR, RawWriter, content_path, sha256_hex, write_once
 from maildesk.store.models import RECEIVED, InboundMail
 from maildesk.store.queue import Queue
 
@@ -34,10 +34,17 @@ INTAKE_QUEUE = Queue(
 
 @dataclass(frozen=True)
 class Arrival:
-    """A mail as ingress received it."""
+    """A mail as ingress received it: its bytes, or the raw file it was written to as it came
+    (`kept`: its SHA-256 and path, from `files.RawWriter.keep`, and its size)."""
 
     raw: bytes
     delivery: Delivery
+    kept: tuple[str, str, int] | None = None
+
+    @property
+    def size(self) -> int:
+        """The mail's length in bytes."""
+        return self.kept[2] if self.kept is not None else len(self.raw)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ def _row(arrival: Arrival, digest: str, raw_path: str) -> InboundMail:
         source=delivery.source,
         raw_path=raw_path,
         sha256=digest,
-        size=delivery.oversize or len(arrival.raw),
+        size=delivery.oversize or arrival.size,
         mailbox=delivery.mailbox,
         uidvalidity=delivery.uidvalidity,
         uid=delivery.uid,
@@ -80,7 +87,10 @@ def store_arrivals(
 
     Raises the database's error when the batch could not be stored: then none of it was.
     """
-    files = [_write_raw(state_dir, arrival.raw) for arrival in arrivals]
+    files = [
+        arrival.kept[:2] if arrival.kept is not None else _write_raw(state_dir, arrival.raw)
+        for arrival in arrivals
+    ]
     try:
         return _insert(engine, arrivals, files)
     except sa.exc.IntegrityError:
@@ -191,6 +201,10 @@ class IntakeStore:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         self.on_stored()
         return accepted
+
+    def raw_writer(self) -> RawWriter:
+        """A new raw file of the store, for a large mail written as it is fetched."""
+        return RawWriter(self.state_dir)
 
     def checkpoint(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, int]:
         """Which of these IMAP UIDs are stored already, each with its row id."""

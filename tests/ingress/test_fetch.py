@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
@@ -19,8 +21,9 @@ from structlog.testing import capture_logs
 from maildesk.config import ImapSettings, LimitsSettings
 from maildesk.ingress import fetch
 from maildesk.ingress.fetch import FETCH_BATCH, FETCH_BATCH_BYTES, ImapFetcher, plan_downloads
-from maildesk.ingress.imap import HEADER_CAP, ImapConnection
+from maildesk.ingress.imap import HEADER_CAP, PIECE_BYTES, ImapConnection
 from maildesk.mail.message import Delivery, StoreUnavailable
+from maildesk.store.files import RawWriter
 from maildesk.store.intake import Accepted, Arrival
 from maildesk.store.models import RECEIVED
 
@@ -97,6 +100,9 @@ class MemoryIntake:
             self.batches.append(list(arrivals))
         self.arrived.set()
         return accepted
+
+    def raw_writer(self) -> None:
+        return None  # Large mails are fetched whole, so that their bytes are in the arrival.
 
     def checkpoint(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, int]:
         with self._lock:
@@ -185,6 +191,46 @@ async def test_fetch_once_stores_exact_bytes_in_one_commit_and_moves(
     assert imap_account.uids(QUARANTINE) == []
     # BODY.PEEK and MOVE leave the mails unread for whoever looks at the folder later.
     assert all(b"\\Seen" not in flags for flags in flags_of(imap_account, PROCESSED))
+
+
+class FileKeepingIntake(MemoryIntake):
+    """A MemoryIntake that has large mails written into raw files of a real store directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__()
+        self.state_dir = state_dir
+
+    def raw_writer(self) -> RawWriter:  # type: ignore[override]
+        return RawWriter(self.state_dir)
+
+
+def large_mail(size: int) -> bytes:
+    """A mail of exactly `size` bytes, CRLF line ends, its body base64-like text."""
+    head = make_mail(7).split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAx\r\n"
+    body = (line * (size // len(line) + 1))[: size - len(head) - 2] + b"\r\n"
+    return head + body
+
+
+@pytest.mark.parametrize("size", [2 * PIECE_BYTES, 2 * PIECE_BYTES + 17])
+async def test_a_large_mail_is_fetched_in_pieces_into_its_raw_file(
+    imap_account: ImapAccount, tmp_path: Path, size: int
+) -> None:
+    small, large = make_mail(1), large_mail(size)
+    assert len(large) == size
+    imap_account.append(small)
+    imap_account.append(large)
+    intake = FileKeepingIntake(tmp_path)
+    fetcher = ImapFetcher(settings_for(imap_account), intake, max_mail_bytes=MAX)
+    assert await fetch_once(fetcher) == 2
+    [first, second] = intake.arrivals
+    assert (first.raw, first.kept) == (small, None)  # A small mail comes in its FETCH batch.
+    assert second.raw == b"" and second.kept is not None
+    digest, raw_path, kept_size = second.kept
+    assert (tmp_path / raw_path).read_bytes() == large
+    assert (digest, kept_size) == (hashlib.sha256(large).hexdigest(), size)
+    assert [p.name for p in (tmp_path / "raw").iterdir() if p.name.startswith(".tmp")] == []
+    assert imap_account.fetch_all(PROCESSED) == [small, large]
 
 
 async def test_quarantined_outcome_goes_to_quarantine(imap_account: ImapAccount) -> None:

@@ -6,7 +6,15 @@ import os
 import time
 from pathlib import Path
 
-from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path, move_once, prepare_spool
+from maildesk.store.files import (
+    ATTACHMENTS_DIR,
+    RAW_DIR,
+    SPOOL_DIR,
+    RawWriter,
+    content_path,
+    move_once,
+    prepare_spool,
+)
 
 
 def test_a_spool_file_moves_into_its_content_path_once(tmp_path: Path) -> None:
@@ -29,3 +37,15 @@ def test_preparing_the_spool_removes_only_files_left_for_over_an_hour(tmp_path: 
     os.utime(stale, (two_hours_ago, two_hours_ago))
     prepare_spool(tmp_path)
     assert (stale.exists(), fresh.exists()) == (False, True)
+
+
+def test_a_raw_writer_keeps_the_mail_under_its_digest_or_leaves_nothing(tmp_path: Path) -> None:
+    with RawWriter(tmp_path) as writer:
+        writer.write(b"From: a@b.example\r\n\r\n")
+        writer.write(b"body\r\n")
+        digest, relative = writer.keep()
+    assert (tmp_path / relative).read_bytes() == b"From: a@b.example\r\n\r\nbody\r\n"
+    assert (tmp_path / relative) == content_path(tmp_path, RAW_DIR, digest)
+    with RawWriter(tmp_path) as abandoned:
+        abandoned.write(b"half a mail")  # The server went away: no keep().
+    assert sorted(p.name for p in (tmp_path / RAW_DIR).iterdir()) == [digest[:2]]
