@@ -13,20 +13,27 @@ shape it has.
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import json
+import os
+import secrets
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.policy import Policy
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from maildesk.rules.classify import LOOP_HEADER
-from maildesk.store.files import ATTACHMENTS_DIR, content_path
+from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path
 
 DRAFT_VERSION = 1
+# A stored file larger than this is streamed into the mail by write_mail, never read whole.
+STREAM_BYTES = 256 * 1024
+_BASE64_LINE_BYTES = 57
 
 
 class _MessageIdListHeader(UnstructuredHeader, BaseHeader):
@@ -101,6 +108,13 @@ def _address(pair: tuple[str, str]) -> Address:
 
 def build(draft: Draft, read_file: Callable[[DraftFile], bytes | None]) -> bytes:
     """The draft in MIME form, with `read_file`'s bytes for each file (None: left out)."""
+    return _message(draft, [(item, read_file(item)) for item in draft.files]).as_bytes(
+        policy=POLICY
+    )
+
+
+def _message(draft: Draft, contents: list[tuple[DraftFile, bytes | None]]) -> EmailMessage:
+    """The draft as an EmailMessage, each file with its content (None: left out)."""
     msg = EmailMessage(policy=POLICY)
     msg["Message-ID"] = draft.message_id
     msg["Date"] = draft.date
@@ -120,8 +134,7 @@ def build(draft: Draft, read_file: Callable[[DraftFile], bytes | None]) -> bytes
     # Quoted-printable keeps the body 7-bit, so any relay takes it, and stays readable.
     msg.set_content(draft.text, subtype="plain", charset="utf-8", cte="quoted-printable")
     msg.add_alternative(draft.html, subtype="html", charset="utf-8", cte="quoted-printable")
-    for item in draft.files:
-        data = read_file(item)
+    for item, data in contents:
         if data is None:
             continue  # Erased under the retention rules since; the text still names it.
         maintype, _, subtype = item.content_type.partition("/")
@@ -130,7 +143,61 @@ def build(draft: Draft, read_file: Callable[[DraftFile], bytes | None]) -> bytes
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=item.filename)
     # Set last: set_content() and add_alternative() move or drop Content-* headers.
     msg["Content-Language"] = draft.language
-    return msg.as_bytes(policy=POLICY)
+    return msg
+
+
+def streams(draft: Draft, state_dir: Path) -> bool:
+    """Whether the draft carries a stored file large enough to be streamed by `write_mail`."""
+    for item in draft.files:
+        try:
+            if content_path(state_dir, ATTACHMENTS_DIR, item.sha256).stat().st_size > STREAM_BYTES:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def write_mail(draft: Draft, state_dir: Path, out: BinaryIO) -> None:
+    """Write the draft in MIME form, the same bytes as build(), streaming its large files.
+
+    The EmailMessage holds a short random stand-in for each large file, whose base64 line is
+    replaced, as the bytes are written, by the file's base64 read a piece at a time: the
+    headers are still the email package's, and no file is ever in memory whole.
+    """
+    contents: list[tuple[DraftFile, bytes | None]] = []
+    streamed: dict[bytes, Path] = {}
+    for item in draft.files:
+        path = content_path(state_dir, ATTACHMENTS_DIR, item.sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            contents.append((item, None))
+            continue
+        if size > STREAM_BYTES:
+            stand_in = secrets.token_bytes(30)  # 40 characters of base64: one line, no padding.
+            streamed[base64.b64encode(stand_in) + POLICY.linesep.encode()] = path
+            contents.append((item, stand_in))
+        else:
+            contents.append((item, path.read_bytes()))
+    skeleton = _message(draft, contents).as_bytes(policy=POLICY)
+    done = 0
+    for line, path in streamed.items():
+        at = skeleton.index(line, done)
+        out.write(skeleton[done:at])
+        _write_base64(path, out)
+        done = at + len(line)
+    out.write(skeleton[done:])
+
+
+def _write_base64(path: Path, out: BinaryIO) -> None:
+    """A file's content in base64 lines, as the email package encodes an attachment."""
+    # 57 bytes make one line of 76 characters, as email.contentmanager cuts them under
+    # policy.SMTP's 78-character lines, and as base64.encodebytes does.
+    piece = _BASE64_LINE_BYTES * 16 * 1024
+    linesep = POLICY.linesep.encode()
+    with open(path, "rb") as source:
+        while data := source.read(piece):
+            out.write(base64.encodebytes(data).replace(b"\n", linesep))
 
 
 def stored_files(state_dir: Path) -> Callable[[DraftFile], bytes | None]:
@@ -143,6 +210,29 @@ def stored_files(state_dir: Path) -> Callable[[DraftFile], bytes | None]:
             return None
 
     return read
+
+
+def outgoing_mail(raw: bytes, draft: str | None, state_dir: Path) -> bytes | Path:
+    """An Outbox row's mail as the sender sends it: its bytes, or, for a draft carrying a large
+    file, a spool file of state_dir holding them (the sender removes it once sent)."""
+    if draft is not None:
+        parsed = Draft.from_json(draft)
+        if streams(parsed, state_dir):
+            return spool_mail(parsed, state_dir)
+    return outgoing_bytes(raw, draft, state_dir)
+
+
+def spool_mail(draft: Draft, state_dir: Path) -> Path:
+    """Write the draft's mail into a new file of the spool (see write_mail); its path."""
+    (state_dir / SPOOL_DIR).mkdir(exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=state_dir / SPOOL_DIR, prefix="out-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write_mail(draft, state_dir, out)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
 
 
 def outgoing_bytes(raw: bytes, draft: str | None, state_dir: Path) -> bytes:

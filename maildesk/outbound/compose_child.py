@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import sys
@@ -9,9 +10,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from maildesk.heap import return_freed_memory
-from maildesk.outbound.compose import Draft, build, stored_files
+from maildesk.outbound.compose import Draft, build, spool_mail, stored_files, streams
 
-OK, FAILED, READY = b"\x00", b"\x01", b"ready"
+# An answer: the mail's bytes after OK, the path of a spool file holding them after SPOOLED (a
+# mail carrying a large file), or why it cannot be composed after FAILED.
+OK, FAILED, SPOOLED, READY = b"\x00", b"\x01", b"\x02", b"ready"
 
 
 def child_main() -> None:
@@ -32,7 +35,11 @@ def child_main() -> None:
         read_file = stored_files(Path(state_dir))
         for text in drafts:
             try:
-                answer = OK + build(Draft.from_json(text), read_file)
+                draft = Draft.from_json(text)
+                if streams(draft, Path(state_dir)):
+                    answer = SPOOLED + os.fsencode(spool_mail(draft, Path(state_dir)))
+                else:
+                    answer = OK + build(draft, read_file)
             except Exception as exc:
                 answer = FAILED + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
             outgoing.send_bytes(answer)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from maildesk.child_process import start_child
 from maildesk.logs import get_logger
-from maildesk.outbound.compose_child import OK, READY
+from maildesk.outbound.compose_child import OK, READY, SPOOLED
 
 log = get_logger("compose")
 
@@ -32,6 +32,12 @@ _CHILD_CODE = "from maildesk.outbound.compose_child import child_main; child_mai
 # A child is replaced once it has composed this much, so that the memory of large attachments
 # goes back to the system.
 RECYCLE_AFTER_BYTES = 64 * 2**20
+
+
+def drop(answer: bytes | Path | str | None) -> None:
+    """Forget a composed mail that will not be sent: remove its spool file, if it has one."""
+    if isinstance(answer, Path):
+        answer.unlink(missing_ok=True)
 
 
 class ComposeAhead:
@@ -74,9 +80,9 @@ class ComposeAhead:
             self.close()
             return False
 
-    def next(self) -> bytes | str | None:
-        """The next draft's mail; an error text if it cannot be composed; None: compose it
-        yourself (the child is gone)."""
+    def next(self) -> bytes | Path | str | None:
+        """The next draft's mail, or the spool file holding it; an error text if it cannot be
+        composed; None: compose it yourself (the child is gone)."""
         if self._waiting == 0 or self._from_child is None:
             return None
         try:
@@ -89,12 +95,14 @@ class ComposeAhead:
         self._composed += len(answer)
         if answer[:1] == OK:
             return answer[1:]
+        if answer[:1] == SPOOLED:
+            return Path(os.fsdecode(answer[1:]))
         return answer[1:].decode("utf-8", "replace")
 
     def _drain(self) -> None:
         """Read and drop the answers left over from a claim that ended early."""
-        while self._waiting and self.next() is not None:
-            pass
+        while self._waiting and (answer := self.next()) is not None:
+            drop(answer)
         self._waiting = 0
 
     def _start(self) -> None:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,8 +46,8 @@ from sqlmodel import Session
 from maildesk import metrics
 from maildesk.config import Settings
 from maildesk.logs import get_logger
-from maildesk.outbound.compose import outgoing_bytes
-from maildesk.outbound.compose_worker import ComposeAhead
+from maildesk.outbound.compose import outgoing_mail
+from maildesk.outbound.compose_worker import ComposeAhead, drop
 from maildesk.outbound.transport import (
     MaildirTransport,
     PermanentFailure,
@@ -366,23 +367,28 @@ class OutboxSender:
             raise
         return stop
 
-    def _compose(self, row: Any) -> bytes:
-        """The row's mail in MIME form: composed from its draft now, outside any transaction."""
+    def _compose(self, row: Any) -> bytes | Path:
+        """The row's mail in MIME form, or a spool file holding it (a mail carrying a large
+        file): composed from its draft now, outside any transaction."""
         while self._ahead is not None and self._ahead_ids and row.draft is not None:
             # Answers come in claim order; those of rows never sent (withheld) are dropped.
             row_id = self._ahead_ids.popleft()
             answer = self._ahead.next()
             if answer is None:
                 self._ahead_ids.clear()  # The child is gone: compose here.
-            elif row_id == row.id:
-                if isinstance(answer, str):
-                    raise PermanentFailure(f"the mail cannot be composed: {answer}")
+            elif row_id != row.id:
+                drop(answer)
+            elif isinstance(answer, str):
+                raise PermanentFailure(f"the mail cannot be composed: {answer}")
+            else:
                 return answer
         try:
-            return outgoing_bytes(row.raw, row.draft, self.settings.desk.state_dir)
+            return outgoing_mail(row.raw, row.draft, self.settings.desk.state_dir)
         except (ValueError, TypeError) as exc:
             # A draft that cannot be composed never will be: no retry can help it.
             raise PermanentFailure(f"the mail cannot be composed: {exc}") from None
+        except OSError as exc:  # The spool could not be written (a full disk): for later.
+            raise TemporaryFailure(f"the mail cannot be composed now: {describe(exc)}") from None
 
     def _deliver(
         self, transport: SmtpTransport | MaildirTransport, row: Any
@@ -404,7 +410,11 @@ class OutboxSender:
             crashes = row.attempts - 1 - row.deferrals
             if crashes > CRASHES_BEFORE_FAILED:
                 raise PermanentFailure(f"the sender stopped {crashes} times while sending it")
-            refused = transport.send(row.mail_from, recipients, self._compose(row))
+            composed = self._compose(row)
+            try:
+                refused = transport.send(row.mail_from, recipients, composed)
+            finally:
+                drop(composed)  # A spool file is only for this attempt.
         except PermanentFailure as exc:
             reason, stop = str(exc), False
         except TemporaryFailure as exc:

@@ -8,6 +8,7 @@ into temporary ones, which a later attempt may overcome, and permanent ones.
 from __future__ import annotations
 
 import mailbox
+import re
 import smtplib
 import ssl
 from collections.abc import Callable
@@ -86,13 +87,16 @@ class SmtpTransport:
             raise Unreachable(f"connect to {cfg.host}:{cfg.port}: {describe(exc)}") from None
         return client
 
-    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
+    def send(self, mail_from: str, recipients: list[str], raw: bytes | Path) -> dict[str, Any]:
+        """Send a mail (its bytes, or a file holding them); the recipients refused one by one."""
         # smtplib closes its socket itself after some errors (a 421, a lost connection).
         if self._client is not None and self._client.sock is None:
             self._client = None
         if self._client is None:
             self._client = self._connect()
         try:
+            if isinstance(raw, Path):
+                return send_file(self._client, mail_from, recipients, raw)
             return self._client.sendmail(mail_from, recipients, raw)
         except smtplib.SMTPRecipientsRefused as exc:
             reason = "all recipients refused: " + refusals(exc.recipients)
@@ -130,6 +134,69 @@ class SmtpTransport:
             except (smtplib.SMTPException, OSError):
                 self._client.close()
             self._client = None
+
+
+_PIECE_BYTES = 1024 * 1024
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def send_file(
+    client: smtplib.SMTP, mail_from: str, recipients: list[str], path: Path
+) -> dict[str, Any]:
+    """smtplib's sendmail() for a mail kept in a file, which is read and sent a piece at a time.
+
+    smtplib takes a mail only whole, and copies it twice more to end lines and double dots; a
+    mail carrying a 20 MB attachment would be held four times over. The envelope, the replies
+    and the exceptions are sendmail()'s (the caller sorts them out); only DATA is streamed.
+    """
+    client.ehlo_or_helo_if_needed()
+    sized = client.does_esmtp and client.has_extn("size")
+    code, reply = client.mail(mail_from, [f"size={path.stat().st_size}"] if sized else [])
+    if code != 250:
+        _end_transaction(client, code)
+        raise smtplib.SMTPSenderRefused(code, reply, mail_from)
+    refused: dict[str, Any] = {}
+    for recipient in recipients:
+        code, reply = client.rcpt(recipient)
+        if code not in (250, 251):
+            refused[recipient] = (code, reply)
+        if code == 421:
+            client.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    if len(refused) == len(recipients):
+        client.rset()
+        raise smtplib.SMTPRecipientsRefused(refused)
+    code, reply = client.docmd("DATA")
+    if code != 354:
+        raise smtplib.SMTPDataError(code, reply)
+    last = b"\n"
+    with open(path, "rb") as mail:
+        carry = b""
+        while piece := mail.read(_PIECE_BYTES):
+            # Whole lines only, so that every line start is seen: those with a dot get two.
+            piece = carry + piece
+            cut = piece.rfind(b"\n") + 1
+            lines, carry = piece[:cut], piece[cut:]
+            if lines:
+                client.send(_LEADING_DOT.sub(b"..", lines))
+                last = lines[-1:]
+        if carry:
+            client.send(_LEADING_DOT.sub(b"..", carry) + b"\r\n")
+            last = b"\n"
+    client.send(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
+    code, reply = client.getreply()
+    if code != 250:
+        _end_transaction(client, code)
+        raise smtplib.SMTPDataError(code, reply)
+    return refused
+
+
+def _end_transaction(client: smtplib.SMTP, code: int) -> None:
+    """After a refusal, as sendmail() does: a 421 closes the connection, else RSET."""
+    if code == 421:
+        client.close()
+    else:
+        client.rset()
 
 
 # Longer lines do not fit in 8bit (RFC 5322's limit); such a part keeps its encoding.
@@ -187,8 +254,11 @@ class MaildirTransport:
         self._path = path
         self._box: mailbox.Maildir | None = None
 
-    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> dict[str, Any]:
+    def send(self, mail_from: str, recipients: list[str], raw: bytes | Path) -> dict[str, Any]:
+        """Drop the mail (its bytes, or a file holding them) into the maildir."""
         try:
+            if isinstance(raw, Path):
+                raw = raw.read_bytes()  # For people to read: its text is made 8-bit below.
             if self._box is None:
                 # Creating the subdirectories too accepts an empty directory made by hand.
                 for sub in ("tmp", "new", "cur"):

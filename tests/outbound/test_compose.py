@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import random
+import re
 from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
 
-from maildesk.outbound.compose import Draft, DraftFile, build, outgoing_bytes, stored_files
+from maildesk.outbound.compose import (
+    STREAM_BYTES,
+    Draft,
+    DraftFile,
+    build,
+    outgoing_bytes,
+    outgoing_mail,
+    stored_files,
+)
 from maildesk.rules.classify import LOOP_HEADER
-from maildesk.store.files import ATTACHMENTS_DIR, content_path, sha256_hex
+from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path, sha256_hex
 
 LONG_ID = "<" + "x" * 120 + "@mail.outlook.example>"
 
@@ -67,3 +77,42 @@ def test_a_row_without_a_draft_leaves_with_its_stored_bytes(tmp_path: Path) -> N
 def test_what_is_not_a_draft_is_refused_with_a_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         Draft.from_json(text)
+
+
+def store_file(state_dir: Path, data: bytes) -> str:
+    digest = sha256_hex(data)
+    path = content_path(state_dir, ATTACHMENTS_DIR, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return digest
+
+
+def same_boundaries(mail: bytes) -> bytes:
+    """The mail with its MIME boundaries, which the generator draws at random, made fixed."""
+    for n, boundary in enumerate(re.findall(rb'boundary="([^"]+)"', mail)):
+        mail = mail.replace(boundary, b"boundary-%d" % n)
+    return mail
+
+
+@pytest.mark.parametrize("size", [STREAM_BYTES + 1, 3 * 2**20 + 2])
+def test_a_draft_with_large_files_is_spooled_with_the_same_bytes_as_build(
+    tmp_path: Path, size: int
+) -> None:
+    large, small = random.Random(size).randbytes(size), b"%PDF-1.7 small"
+    files = (DraftFile(store_file(tmp_path, large), "application/pdf", "export.pdf"),
+             DraftFile(store_file(tmp_path, small), "application/pdf", "small.pdf"),
+             DraftFile(store_file(tmp_path, large[::-1]), "image/png", "other.png"),
+             DraftFile("0" * 64, "image/png", "erased.png"))  # fmt: skip
+    stored = draft(files=files).to_json()
+    spooled = outgoing_mail(b"", stored, tmp_path)
+    assert isinstance(spooled, Path) and spooled.parent == tmp_path / SPOOL_DIR
+    whole = outgoing_bytes(b"", stored, tmp_path)
+    assert same_boundaries(spooled.read_bytes()) == same_boundaries(whole)
+    mail = message_from_bytes(spooled.read_bytes(), policy=policy.default)
+    assert [a.get_content() for a in mail.iter_attachments()] == [large, small, large[::-1]]
+
+
+def test_a_draft_with_only_small_files_is_composed_in_memory(tmp_path: Path) -> None:
+    files = (DraftFile(store_file(tmp_path, b"x" * STREAM_BYTES), "application/pdf", "a.pdf"),)
+    composed = outgoing_mail(b"", draft(files=files).to_json(), tmp_path)
+    assert isinstance(composed, bytes) and not (tmp_path / SPOOL_DIR).exists()

@@ -6,10 +6,13 @@ import os
 import re
 import signal
 import time
+from dataclasses import replace
+from email import message_from_bytes, policy
 from pathlib import Path
 
-from maildesk.outbound.compose import Draft, build
+from maildesk.outbound.compose import STREAM_BYTES, Draft, DraftFile, build
 from maildesk.outbound.compose_worker import ComposeAhead
+from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path, sha256_hex
 
 
 def handed(ahead: ComposeAhead, drafts: list[str | None]) -> None:
@@ -92,6 +95,31 @@ def test_a_dead_child_means_compose_it_yourself_and_the_next_claim_starts_anothe
         assert ahead.pid() not in (None, first)
         assert ahead.next() is None
         handed(ahead, [draft(5).to_json()])
+        assert isinstance(ahead.next(), bytes)
+    finally:
+        ahead.close()
+
+
+def test_a_draft_with_a_large_file_comes_back_as_a_spool_file_dropped_if_unsent(
+    tmp_path: Path,
+) -> None:
+    pdf = os.urandom(STREAM_BYTES + 1)
+    digest = sha256_hex(pdf)
+    content_path(tmp_path, ATTACHMENTS_DIR, digest).parent.mkdir(parents=True)
+    content_path(tmp_path, ATTACHMENTS_DIR, digest).write_bytes(pdf)
+    large = replace(draft(1), files=(DraftFile(digest, "application/pdf", "export.pdf"),))
+    ahead = ComposeAhead(tmp_path)
+    try:
+        handed(ahead, [large.to_json(), large.to_json(), draft(2).to_json()])
+        spooled = ahead.next()
+        assert isinstance(spooled, Path) and spooled.parent == tmp_path / SPOOL_DIR
+        [attached] = list(message_from_bytes(spooled.read_bytes(), policy=policy.default)
+                          .iter_attachments())  # fmt: skip
+        assert attached.get_content() == pdf
+        spooled.unlink()  # As the sender does once it is sent.
+        # The claim ends early: the next one drops the answers left, spool file included.
+        handed(ahead, [draft(3).to_json()])
+        assert list((tmp_path / SPOOL_DIR).iterdir()) == []
         assert isinstance(ahead.next(), bytes)
     finally:
         ahead.close()

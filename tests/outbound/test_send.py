@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import ssl
 import threading
 import time
@@ -21,9 +22,11 @@ from rig.smtp import RecordingSMTPServer
 
 from maildesk.config import DeskSettings, Settings, SmtpSettings
 from maildesk.outbound import send, transport
+from maildesk.outbound.compose import Draft, DraftFile
 from maildesk.outbound.send import OutboxSender, SendReport
 from maildesk.store import database
 from maildesk.store.database import session_scope
+from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path, sha256_hex
 from maildesk.store.models import Outbox, utcnow
 
 ZERO = timedelta(0)
@@ -525,3 +528,31 @@ def test_bad_recipients_fail(engine: sa.Engine, tmp_path: Path, recipients: str)
     sender = OutboxSender(make_settings(tmp_path, transport="maildir"), engine)
     assert sender.send_batch() == SendReport(failed=1)
     assert reload(engine, row).status == "failed"
+
+
+def test_a_draft_carrying_a_large_file_is_streamed_and_its_spool_file_removed(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    """The sender composes it into a spool file, sends that, and removes it (the compose
+    child's side is in test_compose_worker.py)."""
+    settings = make_settings(tmp_path, smtp_server)
+    state_dir = settings.desk.state_dir
+    pdf = random.Random(3).randbytes(3 * 2**20)
+    digest = sha256_hex(pdf)
+    content_path(state_dir, ATTACHMENTS_DIR, digest).parent.mkdir(parents=True)
+    content_path(state_dir, ATTACHMENTS_DIR, digest).write_bytes(pdf)
+    draft = Draft(
+        message_id="<big.maildesk@desk.example>", date="Mon, 07 Dec 2026 10:00:00 +0000",
+        sender=("Support", "support@desk.example"), to=("Léa", "lea@client.example"),
+        subject="[#4] Export", text="Ci-joint.\n", html="<p>Ci-joint.</p>", language="fr",
+        loop="desk.example", files=(DraftFile(digest, "application/pdf", "export.pdf"),),
+    )
+    with session_scope(engine) as session:
+        session.add(Outbox(kind="agent_copy", message_id=draft.message_id, raw=b"",
+                           mail_from="support@desk.example", draft=draft.to_json(),
+                           recipients=json.dumps(["lea@client.example"])))  # fmt: skip
+    assert OutboxSender(settings, engine).send_batch() == SendReport(sent=1)
+    [mail] = smtp_server.mails
+    [attached] = list(mail.message.iter_attachments())
+    assert attached.get_content() == pdf
+    assert list((state_dir / SPOOL_DIR).iterdir()) == []
