@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from maildesk.config import Settings
@@ -292,10 +293,10 @@ class Notifier:
         # wrong agent list is a bug upstream, and failing loudly beats a silent transfer.
         if not company.after_hours and any(a.region.upper() == "US" for a in agents):
             raise ValueError(f"company {company.id} has no after-hours support: no US agents")
-        attachments = _attachments(session, message)
         # Agents get the files themselves, not only their names: they answer from their mail
         # client and have nowhere else to open them.
         files = _attachment_rows(session, message)
+        attachments = [{"name": row.filename, "inline": row.inline} for row in files]
         # The agent's copy shows whom the ticket is assigned to, and how to work it by mail.
         assignee = session.get(Agent, ticket.assignee_id) if ticket.assignee_id else None
         sent = []
@@ -396,9 +397,9 @@ class Notifier:
             ticket_id=ticket.id if ticket is not None else None,
             automatic=automatic, mailbox_key=mailbox_key(to.addr_spec), verp=verp,
         )
-        # Flush, never commit: the caller's transaction decides for the mail and its cause.
+        # Never committed here: the caller's transaction decides for the mail and its cause.
+        # Nor flushed: the next query or the commit writes it, with the mail's other rows.
         session.add(outbox)
-        session.flush()
         return outbox
 
 
@@ -421,15 +422,6 @@ def _to(name: str, address: str) -> Address:
         raise ValueError(f"cannot send mail to {address!r}") from None
 
 
-def _attachments(session: Session, message: Message) -> list[dict[str, Any]]:
-    if message.id is None:
-        return []
-    rows = session.exec(
-        select(Attachment).where(Attachment.message_id == message.id).order_by(col(Attachment.id))
-    )
-    return [{"name": row.filename, "inline": row.inline} for row in rows]
-
-
 def _attachment_rows(session: Session, message: Message) -> list[Attachment]:
     if message.id is None:
         return []
@@ -441,13 +433,18 @@ def _thread(
     session: Session, ticket_id: int, parent_id: str | None
 ) -> tuple[str | None, list[str]]:
     """In-Reply-To and References for a mail about a ticket: its thread in order, parent last."""
-    messages = session.exec(
-        select(Message.created_at, Message.message_id).where(Message.ticket_id == ticket_id)
-    ).all()
-    sent = session.exec(
-        select(Outbox.created_at, Outbox.message_id).where(Outbox.ticket_id == ticket_id)
-    ).all()
-    ordered = [mid for _, mid in sorted([*messages, *sent], key=lambda row: row[0]) if mid]
+    # One query for both halves of the thread: what came in and what went out.
+    both: sa.CompoundSelect = sa.union_all(
+        sa.select(col(Message.created_at), sa.literal(0), col(Message.message_id)).where(
+            col(Message.ticket_id) == ticket_id
+        ),
+        sa.select(col(Outbox.created_at), sa.literal(1), col(Outbox.message_id)).where(
+            col(Outbox.ticket_id) == ticket_id
+        ),
+    )
+    # In time order, a mail that came in before one that went out at the same instant.
+    rows = sorted(session.execute(both).all(), key=lambda row: (row[0], row[1]))
+    ordered = [mid for _, _, mid in rows if mid]
     ids = [mid for mid in dict.fromkeys(ordered) if _MSG_ID.fullmatch(mid)]
     parent = parent_id if parent_id and _MSG_ID.fullmatch(parent_id) else None
     if parent is not None:

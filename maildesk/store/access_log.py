@@ -31,8 +31,7 @@ def _event(
         actor=actor[:320], action=action, ticket_id=ticket_id, account_id=account_id,
         detail=json.dumps(detail, ensure_ascii=False),
     )
-    session.add(event)
-    session.flush()
+    session.add(event)  # Written with the caller's next flush: nothing here reads it back.
     return event
 
 

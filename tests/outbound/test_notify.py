@@ -219,7 +219,8 @@ def test_acknowledgement(session: Session, locale: str) -> None:
     outbox = Notifier(make_settings(), KEY).acknowledge(
         session, ticket=world.ticket, account=world.account, message=world.message
     )
-    assert outbox.id is not None and outbox.kind == "acknowledgement"
+    # Queued in the caller's transaction: the next query sees it.
+    assert session.exec(select(Outbox)).all() == [outbox] and outbox.kind == "acknowledgement"
     assert outbox.ticket_id == world.ticket.id
     assert outbox.mail_from == f"support+bounce-{outbox.verp}@desk.example" and outbox.verp
     assert json.loads(outbox.recipients) == [world.account.email]
