@@ -87,10 +87,11 @@ def forward_open(f: Filing) -> Outcome:
     savepoint = session.begin_nested()
     try:
         ticket = open_ticket(session, account=account, mail=as_written, now=f.now)
-        message = mark(f, add_message(
+        message = add_message(
             session, state_dir=f.settings.desk.state_dir, ticket=ticket, mail=as_written,
             text=original.text, inbound_mail_id=f.inbound.id, matched_by=None, account=account,
-        ))
+            rule=f.rule,
+        )
         session.add(AuditEvent(actor=agent.email, action="ticket.forward_open",
                                ticket_id=ticket.id, account_id=account.id,
                                detail=json.dumps({"via": original.via})))
@@ -123,10 +124,10 @@ def _answer(f: Filing, text: str) -> Message:
     session, mail, agent, ticket, requester = f.session, f.mail, f.agent, f.ticket, f.account
     assert mail is not None and agent is not None and ticket is not None
     assert requester is not None
-    message = mark(f, add_message(
+    message = add_message(
         session, state_dir=f.settings.desk.state_dir, ticket=ticket, mail=mail, text=text,
-        inbound_mail_id=f.inbound.id, matched_by=route.BY_REPLY_ADDRESS, agent=agent,
-    ))
+        inbound_mail_id=f.inbound.id, matched_by=route.BY_REPLY_ADDRESS, agent=agent, rule=f.rule,
+    )
     # The requester first, then each colleague who follows the ticket and may still hear of it.
     readers = [requester, *(a for a in ticket_life.followers(session, ticket.id)
                             if directory.account_is_active(a, f.now))]

@@ -7,7 +7,7 @@ follows the ticket (store/ticket_life.follow); nobody else is ever added from To
 
 from __future__ import annotations
 
-from maildesk.filing import Filing, audience, finish, mark, persist
+from maildesk.filing import Filing, audience, finish, persist
 from maildesk.mail.message import Outcome
 from maildesk.mail.quotes import strip_quoted_reply
 from maildesk.privacy.requests import check_mail as check_rights_request
@@ -29,10 +29,10 @@ def open_new(f: Filing) -> Outcome:
     if old is not None:
         ticket.follows_id = old.id
         session.add(ticket)
-    message = mark(f, add_message(
+    message = add_message(
         session, state_dir=f.settings.desk.state_dir, ticket=ticket, mail=mail, text=mail.text,
-        inbound_mail_id=f.inbound.id, matched_by=None, account=account,
-    ))
+        inbound_mail_id=f.inbound.id, matched_by=None, account=account, rule=f.rule,
+    )
     add_colleagues(f, ticket)
     acknowledged = not classify.suppresses_auto_reply(mail) and f.notices.may_send(
         session, account.email, now=f.now, account_id=account.id
@@ -104,10 +104,10 @@ def add_colleagues(f: Filing, ticket: Ticket) -> list[str]:
 def _file_reply(f: Filing, text: str) -> Message:
     session, mail, account, ticket = f.session, f.mail, f.account, f.ticket
     assert mail is not None and account is not None and ticket is not None
-    message = mark(f, add_message(
+    message = add_message(
         session, state_dir=f.settings.desk.state_dir, ticket=ticket, mail=mail, text=text,
-        inbound_mail_id=f.inbound.id, matched_by=f.matched_by, account=account,
-    ))
+        inbound_mail_id=f.inbound.id, matched_by=f.matched_by, account=account, rule=f.rule,
+    )
     add_colleagues(f, ticket)
     _rights(f, ticket, message)
     return message

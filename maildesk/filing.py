@@ -70,6 +70,8 @@ class Filing:
     forwarded: Forwarded | None = None
     forwarded_account: Account | None = None
     decision: Decision | None = None
+    # Rows read while looking up, held so that getting them again hits the session's cache.
+    held: list[object] = field(default_factory=list)
 
     @property
     def rule(self) -> str | None:
@@ -104,7 +106,7 @@ def look_up(
     session = f.session
     automatic = classify.automatic_reason(mail, f.delivery)
     sender = f.sender = classify.identify_sender(
-        mail.from_address, lookup.directory_entry(session, mail.from_address, f.now)
+        mail.from_address, lookup.directory_entry(session, mail.from_address, f.now, hold=f.held)
     )
     tokens = route.reply_tokens(f.recipients, desk.address)
     thread = lookup.thread_facts(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from maildesk import metrics
 from maildesk.config import Settings
@@ -318,6 +318,11 @@ class IntakeRunner:
                     outcomes.append((_Prepared(claim.id, claim.row.attempts, _delivery(claim.row),
                                                started=time.monotonic()),
                                      self._quarantine(session, claim.id, reason, why)))
+            # The ledger rows of the batch in one query, held for the loop, so that each
+            # filing's get of its own row finds it in the session.
+            rows = session.exec(
+                select(InboundMail).where(col(InboundMail.id).in_(sorted(held)))
+            ).all()
             for item in prepared:
                 if item.inbound_id not in held:
                     continue  # Our lease lapsed and another worker has it now.
@@ -328,6 +333,7 @@ class IntakeRunner:
                         continue
                 assert item.error is not None
                 outcomes.append((item, self._failed(session, item)))
+            del rows
         filed_at = utcnow()
         for item, outcome in outcomes:
             metrics.MAILS_FILED.labels(outcome.outcome).inc()
@@ -347,10 +353,12 @@ class IntakeRunner:
             assert inbound is not None
             # A mail from an archive import is filed like any other, and tells nobody.
             past = item.delivery.source == IMPORT_SOURCE
-            with silenced() if past else contextlib.nullcontext():
-                outcome = self.filer.file(session, inbound, item.raw, item.delivery, item.parsed)
+            # The claim ends with the filing, in its savepoint: set first, it is written in the
+            # same UPDATE as the filing's first change to the row.
             inbound.claimed_by, inbound.lease_until = None, None
             session.add(inbound)
+            with silenced() if past else contextlib.nullcontext():
+                outcome = self.filer.file(session, inbound, item.raw, item.delivery, item.parsed)
             savepoint.commit()
             return outcome
         except Exception as exc:

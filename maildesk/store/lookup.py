@@ -19,15 +19,24 @@ from maildesk.store import directory
 from maildesk.store.models import Company, Message, Outbox, Ticket
 
 
-def directory_entry(session: Session, address: str, now: datetime) -> DirectoryEntry:
-    """What the directory holds for a From address at `now`."""
+def directory_entry(
+    session: Session, address: str, now: datetime, *, hold: list[object] | None = None
+) -> DirectoryEntry:
+    """What the directory holds for a From address at `now`.
+
+    The rows read are appended to `hold`: the session's identity map keeps objects only while
+    someone does, and a caller that will get the same rows again then needs no query for them.
+    """
+    hold = [] if hold is None else hold
     agent = directory.find_agent(session, address)
+    hold.append(agent)
     if agent is not None and agent.active:
         return DirectoryEntry(agent_id=agent.id)
     account = directory.find_account(session, address)
     if account is None:
         return DirectoryEntry()
     company = session.get(Company, account.company_id)
+    hold += [account, company]
     active = company is not None and directory.account_is_active(account, now, company)
     return DirectoryEntry(
         account_id=account.id, company_id=account.company_id, account_active=active

@@ -48,8 +48,10 @@ def add_message(
     matched_by: str | None,
     account: Account | None = None,
     agent: Agent | None = None,
+    rule: str | None = None,
 ) -> Message:
-    """File a received mail in a ticket's thread, with its attachments."""
+    """File a received mail in a ticket's thread, with its attachments (and the chain's rule
+    that decided it, written with the message rather than after it)."""
     author_kind = "agent" if agent is not None else "customer"
     message = Message(
         ticket_id=ticket.id,  # type: ignore[arg-type]
@@ -68,6 +70,7 @@ def add_message(
         # relay the customer's own words back to them, so only customers' HTML is kept.
         html=mail.html if agent is None else None,
         inbound_mail_id=inbound_mail_id,
+        rule=rule,
     )
     session.add(message)
     session.flush()
