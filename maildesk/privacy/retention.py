@@ -30,7 +30,7 @@ from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.privacy import erase
 from maildesk.store import database
-from maildesk.store.files import ATTACHMENTS_DIR, RAW_DIR
+from maildesk.store.files import ATTACHMENTS_DIR, RAW_DIR, SPOOL_DIR
 from maildesk.store.models import (
     Account,
     Agent,
@@ -135,21 +135,30 @@ def _old_audit(session: Session, settings: Settings, now: datetime) -> sa.Column
 
 
 def sweep_orphans(settings: Settings, engine: sa.Engine, now: datetime, dry_run: bool) -> int:
-    """Delete files of the content store that no row refers to, once ORPHAN_GRACE old."""
+    """Delete files of the content store that no row refers to, once ORPHAN_GRACE old.
+
+    Also the leftovers of a process that died while writing: half-written files of the store
+    and the spool's decoded attachments and composed mails, which hold personal data too.
+    """
     state_dir = settings.desk.state_dir
     with Session(engine) as session:
         raw = {Path(p).name for p in session.exec(select(InboundMail.raw_path))}
         attached = set(session.exec(select(Attachment.sha256)))
-    count = 0
+    found: list[Path] = []
     for kind, kept in ((RAW_DIR, raw), (ATTACHMENTS_DIR, attached)):
-        for path in (state_dir / kind).glob("*/*"):
-            if path.name in kept or not path.is_file():
-                continue
+        found += [path for path in (state_dir / kind).glob("*/*") if path.name not in kept]
+        found += (state_dir / kind).glob(".tmp-*")  # A RawWriter's, beside the digests' folders.
+    found += (state_dir / SPOOL_DIR).glob("*")
+    count = 0
+    for path in dict.fromkeys(found):
+        try:
             written = datetime.fromtimestamp(path.stat().st_mtime, tz=now.tzinfo)
-            if now - written > ORPHAN_GRACE:
-                count += 1
-                if not dry_run:
-                    path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
+        if path.is_file() and now - written > ORPHAN_GRACE:
+            count += 1
+            if not dry_run:
+                path.unlink(missing_ok=True)
     return count
 
 

@@ -165,3 +165,22 @@ def test_an_account_still_active_is_never_due(scene: Scene) -> None:
     with Session(scene.engine) as session:
         assert retention.due_accounts(session, scene.settings,
                                       datetime(2200, 1, 1, tzinfo=UTC)) == []
+
+
+def test_leftovers_of_a_dead_process_go_after_a_day_and_stored_files_stay(scene: Scene) -> None:
+    state = scene.state_dir
+    kept = sorted(p for p in state.glob("*/*/*") if p.is_file())
+    assert kept  # The scene's raw mails and attachments, which rows refer to.
+    (state / "spool").mkdir(exist_ok=True)
+    left = [state / "spool" / "part-abc", state / "spool" / "out-def", state / "raw" / ".tmp-1",
+            state / "attachments" / "ab" / ("0" * 64)]  # fmt: skip
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a customer's attachment, decoded")
+    now = datetime.now(UTC)
+    assert retention.sweep_orphans(scene.settings, scene.engine, now, dry_run=False) == 0
+    tomorrow = now + retention.ORPHAN_GRACE + timedelta(minutes=1)
+    assert retention.sweep_orphans(scene.settings, scene.engine, tomorrow, dry_run=True) == 4
+    assert retention.sweep_orphans(scene.settings, scene.engine, tomorrow, dry_run=False) == 4
+    assert [p for p in left if p.exists()] == []
+    assert sorted(p for p in state.glob("*/*/*") if p.is_file()) == kept
