@@ -306,11 +306,14 @@ class IntakeRunner:
                 .where(_INBOUND.id.in_(ids), _INBOUND.claimed_by == self.worker.owner)
                 .values(lease_until=self.worker._at(self.worker.lease))
             )
-            held = set(session.execute(
-                sa.select(_INBOUND.id).where(
-                    _INBOUND.id.in_(ids), _INBOUND.claimed_by == self.worker.owner
+            # The ledger rows we still hold, in one query; they stay in hand for the loop, so
+            # that each filing's get of its own row finds it in the session.
+            rows = session.exec(
+                select(InboundMail).where(
+                    col(InboundMail.id).in_(ids), col(InboundMail.claimed_by) == self.worker.owner
                 )
-            ).scalars())  # fmt: skip
+            ).all()
+            held = {row.id for row in rows}
             for claim in poison:
                 if claim.id in held:
                     reason = "internal error: the runner stopped while filing it"
@@ -318,11 +321,6 @@ class IntakeRunner:
                     outcomes.append((_Prepared(claim.id, claim.row.attempts, _delivery(claim.row),
                                                started=time.monotonic()),
                                      self._quarantine(session, claim.id, reason, why)))
-            # The ledger rows of the batch in one query, held for the loop, so that each
-            # filing's get of its own row finds it in the session.
-            rows = session.exec(
-                select(InboundMail).where(col(InboundMail.id).in_(sorted(held)))
-            ).all()
             for item in prepared:
                 if item.inbound_id not in held:
                     continue  # Our lease lapsed and another worker has it now.
