@@ -39,7 +39,9 @@ _NOT_SPOOLED = ("text/", "message/", "multipart/")
 def _base64_section(section: bytes) -> bool:
     """Whether a part's header section says its body is base64 (the first such field counts)."""
     found = _TRANSFER_ENCODING.search(section)
-    return found is not None and found.group(1).strip().lower() == b"base64"
+    # Compared as the email package compares it: leading blanks dropped, trailing ones kept (it
+    # leaves "base64 " encoded, and so must we).
+    return found is not None and found.group(1).rstrip(b"\r").lstrip(b" \t").lower() == b"base64"
 
 
 def _spoolable(raw: bytes, leaf: LeafSpan, threshold: int) -> bool:

@@ -117,3 +117,27 @@ def test_without_a_spool_directory_nothing_is_spooled(spool: Path) -> None:
     raw = mail_with((random.randbytes(200_000), "application/pdf", "a.pdf"))
     [attachment] = parse_mail(raw, ParseLimits(spool_part_bytes=THRESHOLD)).attachments
     assert attachment.spooled is None and attachment.size == 200_000
+
+
+@pytest.mark.parametrize(
+    ("field", "spooled"),
+    [(b"base64", True), (b"  BASE64", True), (b"\tBase64", True), (b"base64  ", False),
+     (b"base64 (comment)", False), (b'"base64"', False), (b"\r\n base64", False)],
+)  # fmt: skip
+def test_the_transfer_encoding_is_read_as_the_email_package_reads_it(
+    spool: Path, field: bytes, spooled: bool
+) -> None:
+    """Spooled exactly where the email package decodes base64; elsewhere it keeps the text."""
+    data = random.Random(5).randbytes(100_000)
+    raw = (
+        b"From: a@client.example\r\nTo: support@desk.example\r\nSubject: x\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="BB"\r\n\r\n'
+        b"--BB\r\nContent-Type: text/plain\r\n\r\nBonjour\r\n"
+        b'--BB\r\nContent-Type: application/pdf; name="a.pdf"\r\n'
+        b"Content-Transfer-Encoding:" + field + b"\r\n\r\n"
+        + base64.encodebytes(data).replace(b"\n", b"\r\n") + b"--BB--\r\n"
+    )
+    [attachment] = parse_mail(raw, spooling(spool)).attachments
+    [in_memory] = parse_mail(raw).attachments
+    assert (attachment.spooled is not None, attachment.read()) == (spooled, in_memory.data)
+    assert (in_memory.data == data) == spooled
