@@ -13,8 +13,9 @@ from maildesk.heap import return_freed_memory
 from maildesk.outbound.compose import Draft, build, spool_mail, stored_files, streams
 
 # An answer: the mail's bytes after OK, the path of a spool file holding them after SPOOLED (a
-# mail carrying a large file), or why it cannot be composed after FAILED.
-OK, FAILED, SPOOLED, READY = b"\x00", b"\x01", b"\x02", b"ready"
+# mail carrying a large file), why it can never be composed after FAILED, or why not now (the
+# spool could not be written: a full disk, say) after LATER.
+OK, FAILED, SPOOLED, LATER, READY = b"\x00", b"\x01", b"\x02", b"\x03", b"ready"
 
 
 def child_main() -> None:
@@ -40,6 +41,8 @@ def child_main() -> None:
                     answer = SPOOLED + os.fsencode(spool_mail(draft, Path(state_dir)))
                 else:
                     answer = OK + build(draft, read_file)
+            except OSError as exc:
+                answer = LATER + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
             except Exception as exc:
                 answer = FAILED + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
             outgoing.send_bytes(answer)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from maildesk.child_process import start_child
 from maildesk.logs import get_logger
-from maildesk.outbound.compose_child import OK, READY, SPOOLED
+from maildesk.outbound.compose_child import LATER, OK, READY, SPOOLED
+from maildesk.outbound.transport import TemporaryFailure
 
 log = get_logger("compose")
 
@@ -34,7 +35,7 @@ _CHILD_CODE = "from maildesk.outbound.compose_child import child_main; child_mai
 RECYCLE_AFTER_BYTES = 64 * 2**20
 
 
-def drop(answer: bytes | Path | str | None) -> None:
+def drop(answer: object) -> None:
     """Forget a composed mail that will not be sent: remove its spool file, if it has one."""
     if isinstance(answer, Path):
         answer.unlink(missing_ok=True)
@@ -80,9 +81,10 @@ class ComposeAhead:
             self.close()
             return False
 
-    def next(self) -> bytes | Path | str | None:
-        """The next draft's mail, or the spool file holding it; an error text if it cannot be
-        composed; None: compose it yourself (the child is gone)."""
+    def next(self) -> bytes | Path | str | TemporaryFailure | None:
+        """The next draft's mail, or the spool file holding it; an error text if it can never
+        be composed, a TemporaryFailure if not now; None: compose it yourself (the child is
+        gone)."""
         if self._waiting == 0 or self._from_child is None:
             return None
         try:
@@ -97,7 +99,10 @@ class ComposeAhead:
             return answer[1:]
         if answer[:1] == SPOOLED:
             return Path(os.fsdecode(answer[1:]))
-        return answer[1:].decode("utf-8", "replace")
+        reason = answer[1:].decode("utf-8", "replace")
+        if answer[:1] == LATER:
+            return TemporaryFailure(f"the mail cannot be composed now: {reason}")
+        return reason
 
     def _drain(self) -> None:
         """Read and drop the answers left over from a claim that ended early."""

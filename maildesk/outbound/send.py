@@ -397,6 +397,8 @@ class OutboxSender:
                 drop(answer)
             elif isinstance(answer, str):
                 raise PermanentFailure(f"the mail cannot be composed: {answer}")
+            elif isinstance(answer, TemporaryFailure):
+                raise answer
             else:
                 return answer
         try:

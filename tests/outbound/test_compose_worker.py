@@ -12,6 +12,7 @@ from pathlib import Path
 
 from maildesk.outbound.compose import STREAM_BYTES, Draft, DraftFile, build
 from maildesk.outbound.compose_worker import ComposeAhead
+from maildesk.outbound.transport import TemporaryFailure
 from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path, sha256_hex
 
 
@@ -122,5 +123,22 @@ def test_a_draft_with_a_large_file_comes_back_as_a_spool_file_dropped_if_unsent(
         handed(ahead, [draft(3).to_json()])
         assert list((tmp_path / SPOOL_DIR).iterdir()) == []
         assert isinstance(ahead.next(), bytes)
+    finally:
+        ahead.close()
+
+
+def test_a_spool_that_cannot_be_written_is_a_temporary_failure(tmp_path: Path) -> None:
+    pdf = os.urandom(STREAM_BYTES + 1)
+    digest = sha256_hex(pdf)
+    content_path(tmp_path, ATTACHMENTS_DIR, digest).parent.mkdir(parents=True)
+    content_path(tmp_path, ATTACHMENTS_DIR, digest).write_bytes(pdf)
+    (tmp_path / SPOOL_DIR).write_bytes(b"")  # A file where the spool directory should be.
+    large = replace(draft(1), files=(DraftFile(digest, "application/pdf", "export.pdf"),))
+    ahead = ComposeAhead(tmp_path)
+    try:
+        handed(ahead, [large.to_json()])
+        answer = ahead.next()
+        # Not the mail's fault: retried later, never given up on as a mail that cannot be made.
+        assert isinstance(answer, TemporaryFailure) and "FileExistsError" in str(answer)
     finally:
         ahead.close()

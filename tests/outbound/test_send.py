@@ -530,14 +530,8 @@ def test_bad_recipients_fail(engine: sa.Engine, tmp_path: Path, recipients: str)
     assert reload(engine, row).status == "failed"
 
 
-def test_a_draft_carrying_a_large_file_is_streamed_and_its_spool_file_removed(
-    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
-) -> None:
-    """The sender composes it into a spool file, sends that, and removes it (the compose
-    child's side is in test_compose_worker.py)."""
-    settings = make_settings(tmp_path, smtp_server)
-    state_dir = settings.desk.state_dir
-    pdf = random.Random(3).randbytes(3 * 2**20)
+def queue_large_draft(engine: sa.Engine, state_dir: Path, pdf: bytes) -> None:
+    """An agent's copy whose draft carries a stored file of `pdf`, as the notifier queues it."""
     digest = sha256_hex(pdf)
     content_path(state_dir, ATTACHMENTS_DIR, digest).parent.mkdir(parents=True)
     content_path(state_dir, ATTACHMENTS_DIR, digest).write_bytes(pdf)
@@ -551,8 +545,29 @@ def test_a_draft_carrying_a_large_file_is_streamed_and_its_spool_file_removed(
         session.add(Outbox(kind="agent_copy", message_id=draft.message_id, raw=b"",
                            mail_from="support@desk.example", draft=draft.to_json(),
                            recipients=json.dumps(["lea@client.example"])))  # fmt: skip
+
+
+def test_a_draft_carrying_a_large_file_is_streamed_and_its_spool_file_removed(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    """The sender composes it into a spool file, sends that, and removes it (the compose
+    child's side is in test_compose_worker.py)."""
+    settings = make_settings(tmp_path, smtp_server)
+    state_dir = settings.desk.state_dir
+    pdf = random.Random(3).randbytes(3 * 2**20)
+    queue_large_draft(engine, state_dir, pdf)
     assert OutboxSender(settings, engine).send_batch() == SendReport(sent=1)
     [mail] = smtp_server.mails
     [attached] = list(mail.message.iter_attachments())
     assert attached.get_content() == pdf
     assert list((state_dir / SPOOL_DIR).iterdir()) == []
+
+
+def test_a_spool_that_cannot_be_written_defers_the_mail(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, smtp_server)
+    queue_large_draft(engine, settings.desk.state_dir, random.Random(4).randbytes(2**20))
+    (settings.desk.state_dir / SPOOL_DIR).write_bytes(b"")  # Where the directory should be.
+    assert OutboxSender(settings, engine).send_batch() == SendReport(retried=1)
+    assert smtp_server.mails == []
