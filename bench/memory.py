@@ -44,14 +44,15 @@ def status_mib(pid: int, key: str) -> int:
 
 
 def child_kind(pid: int) -> str:
-    """Which of the daemon's children a process is: "parse" or "compose" (by its command)."""
+    """Which of the daemon's children a process is: "parse" or "compose" (by its command), or
+    "" when it runs neither (yet) or is gone."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return "?"
+        return ""
     if b"compose_child" in command:
         return "compose"
-    return "parse" if b"mail.worker" in command else "?"
+    return "parse" if b"mail.worker" in command else ""
 
 
 def run(args: argparse.Namespace, rig: Rig) -> int:
@@ -83,16 +84,22 @@ def run(args: argparse.Namespace, rig: Rig) -> int:
     peaks: dict[int, int] = {}
     kinds: dict[int, str] = {}
     together = [0]
+    timeline: list[int] = []  # The daemon's VmRSS at each sample.
 
     def read() -> None:
         if daemon.proc is None or daemon.proc.poll() is not None:
             return
-        pids = [daemon.pid, *daemon.children()]
+        pids = [daemon.pid]
+        for pid in daemon.children():
+            # A child between fork and exec still maps the daemon's pages (shared, not more
+            # memory, and its VmHWM says the daemon's): it counts once it runs its own code.
+            kinds[pid] = kinds.get(pid) or child_kind(pid)
+            if kinds[pid]:
+                pids.append(pid)
         for pid in pids:
             peaks[pid] = max(peaks.get(pid, 0), status_mib(pid, "VmHWM"))
-            if pid not in kinds:
-                kinds[pid] = child_kind(pid)
         together[0] = max(together[0], sum(status_mib(pid, "VmRSS") for pid in pids))
+        timeline.append(status_mib(daemon.pid, "VmRSS"))
 
     started = time.monotonic()
     with sampler(read):
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace, rig: Rig) -> int:
     figure = own + child
     by_kind: dict[str, int] = {}
     for pid, peak in peaks.items():
-        by_kind[kinds.get(pid, "?")] = max(by_kind.get(kinds.get(pid, "?"), 0), peak)
+        by_kind[kinds[pid]] = max(by_kind.get(kinds[pid], 0), peak)
     print(f"maildesk memory benchmark ({args.store}): N={args.n} mails, {total / 1e6:.0f} MB, "
           f"{large} with an attachment of 1-20 MB; drained in {seconds:.0f} s")
     print(f"  baseline: bare FETCH by 50 + parse, peak RSS {baseline} MiB")
@@ -116,6 +123,12 @@ def run(args: argparse.Namespace, rig: Rig) -> int:
           "[target <= 150 MB]")
     print("  children's peaks: " + ", ".join(f"{k} {v} MiB" for k, v in sorted(by_kind.items())))
     print(f"  maildesk: largest sum of RSS at one instant {together[0]} MiB")
+    if timeline:
+        tenths = [timeline[min(len(timeline) - 1, len(timeline) * k // 10)] for k in range(11)]
+        highest = max(range(len(timeline)), key=timeline.__getitem__)
+        print("  maildesk: daemon RSS at each tenth of the run (MiB): "
+              + " ".join(str(v) for v in tenths)
+              + f"; highest {timeline[highest]} at {highest * 100 // len(timeline)}%")
     print(f"  maildesk exited with {code} after SIGTERM")
     return 0 if code == 0 else 1
 
