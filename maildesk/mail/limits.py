@@ -3,7 +3,7 @@
 The email package is slow on hostile input: its feed parser spends about a microsecond on every
 line and far more on every part, and the header parsers of policy.default are recursive and
 quadratic (a 64 KiB Content-Transfer-Encoding of comments takes 18 s, a From of dots 74 s). So
-`check_shape` refuses, in linear scans of the bytes, any mail that breaks a bound of
+`scan_shape` refuses, in linear scans of the bytes, any mail that breaks a bound of
 `ParseLimits`, with a reason naming the bound; and `POLICY` reads the MIME headers that every
 part is asked about with the cheap string code of compat32 instead of those parsers.
 """
@@ -239,11 +239,6 @@ class _Multipart(NamedTuple):
     delimiter: bytes
     depth: int
     digest: bool
-
-
-def check_shape(raw: bytes, limits: ParseLimits) -> bytes:
-    """Refuse a mail that breaks a bound; return it with bare CR line ends made CRLF."""
-    return scan_shape(raw, limits).raw
 
 
 def scan_shape(raw: bytes, limits: ParseLimits) -> Shape:

@@ -1,6 +1,6 @@
 """Parse stage: turn raw RFC 5322 bytes into a decoded, typed ParsedMail.
 
-Nothing reaches the email package before `limits.check_shape` has bounded the mail's size and
+Nothing reaches the email package before `limits.scan_shape` has bounded the mail's size and
 shape, and the package reads the MIME headers with `limits.POLICY`. Every text that leaves
 here (subject, names, filenames, body) has been decoded with a charset fit for mail and
 cleaned of controls and bidi marks by `clean_text`.

@@ -215,11 +215,16 @@ def stored_files(state_dir: Path) -> Callable[[DraftFile], bytes | None]:
 def outgoing_mail(raw: bytes, draft: str | None, state_dir: Path) -> bytes | Path:
     """An Outbox row's mail as the sender sends it: its bytes, or, for a draft carrying a large
     file, a spool file of state_dir holding them (the sender removes it once sent)."""
-    if draft is not None:
-        parsed = Draft.from_json(draft)
-        if streams(parsed, state_dir):
-            return spool_mail(parsed, state_dir)
-    return outgoing_bytes(raw, draft, state_dir)
+    if draft is None:
+        return raw  # Rows queued before drafts (schema 0007 and older) hold their MIME form.
+    return compose(Draft.from_json(draft), state_dir)
+
+
+def compose(draft: Draft, state_dir: Path) -> bytes | Path:
+    """A draft in MIME form: its bytes, or a spool file holding them if it carries a large file."""
+    if streams(draft, state_dir):
+        return spool_mail(draft, state_dir)
+    return build(draft, stored_files(state_dir))
 
 
 def spool_mail(draft: Draft, state_dir: Path) -> Path:

@@ -10,7 +10,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from maildesk.heap import return_freed_memory
-from maildesk.outbound.compose import Draft, build, spool_mail, stored_files, streams
+from maildesk.outbound.compose import Draft, compose
 
 # An answer: the mail's bytes after OK, the path of a spool file holding them after SPOOLED (a
 # mail carrying a large file), why it can never be composed after FAILED, or why not now (the
@@ -33,14 +33,10 @@ def child_main() -> None:
         except EOFError:
             return
         state_dir, drafts = pickle.loads(request)  # noqa: S301 (from the parent)
-        read_file = stored_files(Path(state_dir))
         for text in drafts:
             try:
-                draft = Draft.from_json(text)
-                if streams(draft, Path(state_dir)):
-                    answer = SPOOLED + os.fsencode(spool_mail(draft, Path(state_dir)))
-                else:
-                    answer = OK + build(draft, read_file)
+                mail = compose(Draft.from_json(text), Path(state_dir))
+                answer = SPOOLED + os.fsencode(mail) if isinstance(mail, Path) else OK + mail
             except OSError as exc:
                 answer = LATER + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
             except Exception as exc:
