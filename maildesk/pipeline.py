@@ -27,7 +27,7 @@ from maildesk.filing import Filing, finish, look_up
 from maildesk.logs import get_logger
 from maildesk.mail.limits import ParseLimits
 from maildesk.mail.message import Delivery, Outcome, ParsedMail
-from maildesk.mail.parse import MalformedMail, parse_mail
+from maildesk.mail.parse import MalformedMail, parse_mail, parse_mail_file
 from maildesk.mail.spool import discard_spooled
 from maildesk.mail.worker import ParseWorker
 from maildesk.notices import Notices
@@ -98,7 +98,7 @@ class Pipeline:
         """Parse the raw mail kept at `path`: in the parse worker, the child reads it."""
         if self.parser is not None:
             return self.parser.parse_file(path)
-        return parse_mail(path.read_bytes(), self.parse_limits)
+        return parse_mail_file(path, self.parse_limits)
 
     def warm(self) -> None:
         """Start the parse worker's child and compile the templates now, so that the first

@@ -241,19 +241,30 @@ class _Multipart(NamedTuple):
     digest: bool
 
 
-def scan_shape(raw: bytes, limits: ParseLimits) -> Shape:
-    """Refuse a mail that breaks a bound; return it (bare CRs made CRLF) and its leaf parts."""
-    if len(raw) > limits.max_mail_bytes:
-        raise MalformedMail(f"too large ({len(raw)} bytes, the limit is {limits.max_mail_bytes})")
+def scan_shape(
+    raw: bytes, limits: ParseLimits, *, size: int | None = None, hidden_lines: int = 0
+) -> Shape:
+    """Refuse a mail that breaks a bound; return it (bare CRs made CRLF) and its leaf parts.
+
+    `size` and `hidden_lines` count what a sparse mail (see sparse.py) left out of `raw`.
+    """
+    size = len(raw) if size is None else size
+    if size > limits.max_mail_bytes:
+        raise MalformedMail(f"too large ({size} bytes, the limit is {limits.max_mail_bytes})")
     # The feed parser ends lines at a bare CR too: making them CRLF lets the scans below see
     # the lines that it will see.
-    if raw.count(b"\r") != raw.count(b"\r\n"):
+    if has_bare_cr(raw):
         raw = _BARE_CR.sub(b"\r\n", raw)
-    if raw.count(b"\n") > limits.max_lines:
+    if raw.count(b"\n") + hidden_lines > limits.max_lines:
         raise MalformedMail(f"too many lines (over {limits.max_lines})")
     scan = _Scan(raw, limits)
     scan.run()
     return Shape(raw, scan.leaves)
+
+
+def has_bare_cr(raw: bytes) -> bool:
+    """Whether a CR in the bytes is not followed by LF."""
+    return raw.count(b"\r") != raw.count(b"\r\n")
 
 
 class _Scan:

@@ -28,11 +28,13 @@ from maildesk.mail.limits import (
     ParseLimits,
     decode_text,
     fix_8bit,
+    has_bare_cr,
     rfc2231_text,
     scan_shape,
 )
 from maildesk.mail.message import MalformedMail, ParsedAttachment, ParsedMail, SpooledFile
-from maildesk.mail.spool import SPOOL_FIELD, discard, spool_large_parts
+from maildesk.mail.sparse import SparseMail, read_sparse
+from maildesk.mail.spool import SPOOL_FIELD, HoleOutside, discard, spool_large_parts
 
 # The default bounds, under the names they had before ParseLimits.
 MAX_MAIL_BYTES = ParseLimits.max_mail_bytes
@@ -319,29 +321,59 @@ def _attachment(leaf: _Leaf, cids: set[str], spooled: dict[str, SpooledFile]) ->
     )
 
 
-def parse_mail(raw: bytes, limits: ParseLimits | None = None) -> ParsedMail:
-    """Parse raw RFC 5322 bytes into a ParsedMail; raise MalformedMail if the mail is unusable."""
+def parse_mail_file(path: str | Path, limits: ParseLimits | None = None) -> ParsedMail:
+    """Parse a mail kept in a file, reading its large base64 attachments only into the spool."""
     limits = limits or ParseLimits()
+    if limits.spool_dir is None:
+        return parse_mail(Path(path).read_bytes(), limits)
+    return parse_mail(read_sparse(path, limits.spool_part_bytes), limits)
+
+
+def parse_mail(mail: bytes | SparseMail, limits: ParseLimits | None = None) -> ParsedMail:
+    """Parse raw RFC 5322 bytes into a ParsedMail; raise MalformedMail if the mail is unusable.
+
+    A `SparseMail` (large base64 runs left in its file) is parsed as its whole bytes would be.
+    """
+    limits = limits or ParseLimits()
+    sparse = mail if isinstance(mail, SparseMail) else None
+    if sparse is not None and (limits.spool_dir is None or has_bare_cr(sparse.kept)):
+        # Making bare CRs CRLF would move the holes: such a mail is read whole.
+        return parse_mail(Path(sparse.path).read_bytes(), limits)
+    raw = sparse.kept if sparse is not None else mail
+    assert isinstance(raw, bytes)
     if not raw or raw.isspace():  # Not strip(): that would copy a large mail.
         raise MalformedMail("empty input")
     spooled: dict[str, SpooledFile] = {}
+    disk_faults: tuple[type[Exception], ...] = (OSError,) if sparse is not None else ()
     try:
-        raw, leaves = scan_shape(raw, limits)
+        if sparse is not None:
+            raw, leaves = scan_shape(raw, limits, size=sparse.size,
+                                     hidden_lines=sparse.hidden_lines())  # fmt: skip
+        else:
+            raw, leaves = scan_shape(raw, limits)
         if limits.spool_dir is not None:
             raw, spooled = spool_large_parts(
-                raw, leaves, Path(limits.spool_dir), limits.spool_part_bytes
+                raw, leaves, Path(limits.spool_dir), limits.spool_part_bytes, sparse
             )
-        mail = _parse(raw, limits, spooled)
+        parsed = _parse(raw, limits, spooled)
+    except HoleOutside:
+        # A long run of base64 lines in a part that is not spooled: the part needs them.
+        assert sparse is not None
+        return parse_mail(Path(sparse.path).read_bytes(), limits)
     except MalformedMail:
+        discard(spooled.values())
+        raise
+    except disk_faults:
+        # The mail's file failed while its holes were read: a fault of the disk, not the mail's.
         discard(spooled.values())
         raise
     except Exception as exc:  # The email package has no common base class for its failures.
         discard(spooled.values())
         detail = clean_text(str(exc), multiline=False)[:200]
         raise MalformedMail(f"cannot parse mail ({type(exc).__name__}: {detail})") from exc
-    taken = {id(a.spooled) for a in mail.attachments if a.spooled is not None}
+    taken = {id(a.spooled) for a in parsed.attachments if a.spooled is not None}
     discard(f for f in spooled.values() if id(f) not in taken)
-    return mail
+    return parsed
 
 
 def _parse(raw: bytes, limits: ParseLimits, spooled: dict[str, SpooledFile]) -> ParsedMail:

@@ -40,9 +40,10 @@ from maildesk.heap import return_freed_memory
 from maildesk.mail.limits import POLICY, ParseLimits
 from maildesk.mail.message import MalformedMail, ParsedMail
 from maildesk.mail.parse import parse_mail
+from maildesk.mail.sparse import SparseMail, read_sparse
 from maildesk.mail.spool import discard
 
-ParseFunction = Callable[[bytes, ParseLimits], ParsedMail]
+ParseFunction = Callable[[bytes | SparseMail, ParseLimits], ParsedMail]
 
 # Policies that a parsed mail holds, pickled by name so that they come back as the same objects.
 _POLICIES: dict[str, email.policy.Policy] = {"maildesk": POLICY, "default": email.policy.default}
@@ -137,7 +138,9 @@ def _caused_by_memory(exc: BaseException) -> bool:
     return False
 
 
-def _answer(parse: ParseFunction, raw: bytes, limits: ParseLimits) -> tuple[str, object]:
+def _answer(
+    parse: ParseFunction, raw: bytes | SparseMail, limits: ParseLimits
+) -> tuple[str, object]:
     """Parse one mail: ("ok", mail), ("malformed", reason), ("memory", None) or ("error", text)."""
     try:
         return "ok", parse(raw, limits)
@@ -147,6 +150,8 @@ def _answer(parse: ParseFunction, raw: bytes, limits: ParseLimits) -> tuple[str,
     except MemoryError:
         return "memory", None
     except Exception as exc:
+        if isinstance(exc, OSError) and isinstance(raw, SparseMail):
+            return "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}"
         return "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
@@ -156,8 +161,14 @@ def _answer_request(
     """Answer one request: a mail's bytes after _MAIL, or the path of its file after _FILE."""
     if request.startswith(_FILE):
         try:
-            with open(os.fsdecode(request[len(_FILE) :]), "rb") as stored:
-                raw = stored.read()
+            path = os.fsdecode(request[len(_FILE) :])
+            raw: bytes | SparseMail
+            if limits.spool_dir is None:
+                with open(path, "rb") as stored:
+                    raw = stored.read()
+            else:
+                # Long runs of base64 lines stay in the file: the spool reads them from there.
+                raw = read_sparse(path, limits.spool_part_bytes)
         except MemoryError:
             return "memory", None
         except OSError as exc:
