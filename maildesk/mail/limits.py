@@ -42,7 +42,7 @@ class ParseLimits:
     # Where base64 attachments of spool_part_bytes or more are decoded to, instead of into
     # memory (mail/spool.py); None keeps every part in memory.
     spool_dir: str | None = None
-    spool_part_bytes: int = 1024 * 1024
+    spool_part_bytes: int = 256 * 1024
 
 
 TRUNCATION_MARKER = "[maildesk: the rest of this text was cut, it was over {limit} characters]"

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-_BLOCK = 1024 * 1024  # Bytes read from the file at a time.
+_BLOCK = 256 * 1024  # Bytes read from the file at a time.
 # A stretch of base64's alphabet and line breaks, padding excluded ("=" may only end a body, and
 # the spool's check for clean base64 must see where it stands). A single class repeated: the
 # regex engine matches it in a loop, where a repeated group of lines would keep a stack growing

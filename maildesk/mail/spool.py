@@ -29,7 +29,7 @@ from maildesk.mail.message import ParsedMail, SpooledFile
 from maildesk.mail.sparse import Hole, SparseMail
 
 SPOOL_FIELD = "X-Maildesk-Spooled"
-_PIECE = 1024 * 1024  # Bytes of base64 decoded at a time.
+_PIECE = 256 * 1024  # Bytes of base64 decoded at a time.
 _CLEAN_BASE64 = re.compile(rb"[A-Za-z0-9+/\r\n]*(?:=[\r\n]*){0,2}")
 _TRANSFER_ENCODING = re.compile(
     rb"^content-transfer-encoding:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M

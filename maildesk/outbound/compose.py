@@ -193,7 +193,7 @@ def _write_base64(path: Path, out: BinaryIO) -> None:
     """A file's content in base64 lines, as the email package encodes an attachment."""
     # 57 bytes make one line of 76 characters, as email.contentmanager cuts them under
     # policy.SMTP's 78-character lines, and as base64.encodebytes does.
-    piece = _BASE64_LINE_BYTES * 16 * 1024
+    piece = _BASE64_LINE_BYTES * 2 * 1024
     linesep = POLICY.linesep.encode()
     with open(path, "rb") as source:
         while data := source.read(piece):
