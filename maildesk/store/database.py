@@ -38,10 +38,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    # Each pooled connection keeps its own page cache (2 MiB by default), filled as the store
-    # grows: 512 KiB each took 4 MiB off the daemon's peak (bench/memory.py), the pages it
-    # reads again coming from the system's file cache instead.
-    cursor.execute("PRAGMA cache_size=-512")
     cursor.close()
 
 
