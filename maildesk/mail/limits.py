@@ -16,13 +16,14 @@ import email.policy
 import re
 from dataclasses import dataclass
 from email.errors import MessageDefect
-from email.headerregistry import BaseHeader, HeaderRegistry
+from email.headerregistry import BaseHeader
 from email.policy import Policy
 from itertools import accumulate
 from operator import sub
 from types import MappingProxyType
 from typing import ClassVar, Literal, NamedTuple, Self
 
+from maildesk.mail.headers import CachedHeaderRegistry
 from maildesk.mail.message import MalformedMail
 
 
@@ -193,7 +194,7 @@ def rfc2231_text(value: str | tuple[str | None, str | None, str]) -> str:
     return decode_text(data, charset)
 
 
-_REGISTRY = HeaderRegistry()
+_REGISTRY = CachedHeaderRegistry()
 _REGISTRY.map_to_type("content-type", _ContentType)
 _REGISTRY.map_to_type("content-disposition", _ContentDisposition)
 _REGISTRY.map_to_type("content-transfer-encoding", _ContentTransferEncoding)

@@ -21,12 +21,13 @@ import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
+from email.headerregistry import Address, BaseHeader, UnstructuredHeader
 from email.message import EmailMessage
 from email.policy import Policy
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from maildesk.mail.headers import CachedHeaderRegistry
 from maildesk.rules.classify import LOOP_HEADER
 from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path
 
@@ -47,7 +48,7 @@ class _MessageIdListHeader(UnstructuredHeader, BaseHeader):
         return f"{self.name}: " + f"{policy.linesep} ".join(str(self).split()) + policy.linesep
 
 
-_HEADERS = HeaderRegistry()
+_HEADERS = CachedHeaderRegistry()
 _HEADERS.map_to_type("in-reply-to", _MessageIdListHeader)
 _HEADERS.map_to_type("references", _MessageIdListHeader)
 POLICY = email.policy.SMTP.clone(header_factory=_HEADERS)
