@@ -321,12 +321,18 @@ def _attachment(leaf: _Leaf, cids: set[str], spooled: dict[str, SpooledFile]) ->
     )
 
 
+def read_mail_file(path: str | Path, limits: ParseLimits) -> bytes | SparseMail:
+    """A mail's file as parse_mail takes it: sparse where there is a spool to decode into."""
+    if limits.spool_dir is None:
+        return Path(path).read_bytes()
+    # Long runs of base64 lines stay in the file: the spool reads them from there.
+    return read_sparse(path, limits.spool_part_bytes)
+
+
 def parse_mail_file(path: str | Path, limits: ParseLimits | None = None) -> ParsedMail:
     """Parse a mail kept in a file, reading its large base64 attachments only into the spool."""
     limits = limits or ParseLimits()
-    if limits.spool_dir is None:
-        return parse_mail(Path(path).read_bytes(), limits)
-    return parse_mail(read_sparse(path, limits.spool_part_bytes), limits)
+    return parse_mail(read_mail_file(path, limits), limits)
 
 
 def parse_mail(mail: bytes | SparseMail, limits: ParseLimits | None = None) -> ParsedMail:

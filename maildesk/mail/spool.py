@@ -100,6 +100,10 @@ def _decode_to_file(body: Iterable[bytes | memoryview], spool_dir: Path) -> Spoo
     return SpooledFile(path=path, size=size, sha256=digest.hexdigest())
 
 
+class HoleOutside(Exception):
+    """A sparse mail's left-out lines belong to a part that is not spooled: read it whole."""
+
+
 def spool_large_parts(
     raw: bytes, leaves: list[LeafSpan], spool_dir: Path, threshold: int,
     sparse: SparseMail | None = None,
@@ -141,10 +145,6 @@ def spool_large_parts(
         return raw, {}
     pieces.append(raw[done:])
     return b"".join(pieces), spooled
-
-
-class HoleOutside(Exception):
-    """A sparse mail's left-out lines belong to a part that is not spooled: read it whole."""
 
 
 def discard(files: Iterable[SpooledFile]) -> None:

@@ -39,8 +39,8 @@ from maildesk.child_process import start_child
 from maildesk.heap import return_freed_memory
 from maildesk.mail.limits import POLICY, ParseLimits
 from maildesk.mail.message import MalformedMail, ParsedMail
-from maildesk.mail.parse import parse_mail
-from maildesk.mail.sparse import SparseMail, read_sparse
+from maildesk.mail.parse import parse_mail, read_mail_file
+from maildesk.mail.sparse import SparseMail
 from maildesk.mail.spool import discard
 
 ParseFunction = Callable[[bytes | SparseMail, ParseLimits], ParsedMail]
@@ -161,14 +161,7 @@ def _answer_request(
     """Answer one request: a mail's bytes after _MAIL, or the path of its file after _FILE."""
     if request.startswith(_FILE):
         try:
-            path = os.fsdecode(request[len(_FILE) :])
-            raw: bytes | SparseMail
-            if limits.spool_dir is None:
-                with open(path, "rb") as stored:
-                    raw = stored.read()
-            else:
-                # Long runs of base64 lines stay in the file: the spool reads them from there.
-                raw = read_sparse(path, limits.spool_part_bytes)
+            raw = read_mail_file(os.fsdecode(request[len(_FILE) :]), limits)
         except MemoryError:
             return "memory", None
         except OSError as exc:
