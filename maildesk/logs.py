@@ -11,9 +11,34 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import structlog
+
+def _import_structlog_without_rich() -> Any:
+    """Import structlog with rich hidden, where nothing in the process has imported it yet.
+
+    structlog.dev imports rich (and pygments through it) whenever they are installed, only to
+    draw exceptions on a terminal. Our processors turn an exception into text before any
+    renderer sees it (format_exc_info below), so rich would be dead weight: 2.8 MiB in every
+    daemon that runs where it happens to be installed (a development environment has it for
+    import-linter). The name is hidden only while structlog is imported.
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        import structlog
+
+        return structlog
+    sys.modules["rich"] = None  # type: ignore[assignment]  # makes "import rich" fail
+    try:
+        import structlog
+    finally:
+        del sys.modules["rich"]
+    return structlog
+
+
+if TYPE_CHECKING:
+    import structlog
+else:
+    structlog = _import_structlog_without_rich()
 
 _SECRET_WORDS = ("password", "secret", "key", "token", "body", "text", "html")
 

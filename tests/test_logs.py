@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +51,26 @@ def test_log_format_chooses_the_renderer(
             json.loads(line)
         assert "mail processed" in line and "outcome" in line and "ticket" in line
     assert "hunter2" not in line
+
+
+# The daemon's own imports, in a fresh interpreter: which of the heavy optional modules came in
+# (rich through structlog, PostgreSQL's dialect for an engine that may be SQLite's),
+# and whether rich can still be imported afterwards by whoever wants it.
+IMPORTS_PROBE = """
+import importlib.util, sys
+import maildesk.daemon
+print(sorted(m for m in ("rich", "pygments", "sqlalchemy.dialects.postgresql") if m in sys.modules))
+if importlib.util.find_spec("rich") is not None:
+    import rich
+    print("rich importable")
+"""
+
+
+def test_the_daemon_loads_neither_rich_nor_an_unused_dialect() -> None:
+    done = subprocess.run([sys.executable, "-c", IMPORTS_PROBE], capture_output=True, text=True,
+                          check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[]"
+    if importlib.util.find_spec("rich") is not None:
+        # Hidden only while structlog was imported: rich itself is untouched.
+        assert lines[1:] == ["rich importable"]
