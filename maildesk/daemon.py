@@ -30,6 +30,8 @@ from maildesk.mail.message import Delivery
 from maildesk.metrics import serve_metrics
 from maildesk.ops import sdnotify
 from maildesk.ops.messages import TRUST_WARNING
+from maildesk.outbound.handoff import SendHandoff
+from maildesk.outbound.send import LEASE as SEND_LEASE
 from maildesk.outbound.send import OutboxSender
 from maildesk.pipeline import Pipeline
 from maildesk.privacy.retention import run_daily
@@ -59,12 +61,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     pipeline.runner.on_filed = waker(filed)
     intake = IntakeStore(engine, settings.desk.state_dir, on_stored=waker(stored))
     owner = pipeline.runner.worker.owner
+    handoff = SendHandoff(owner, SEND_LEASE)
+    pipeline.runner.handoff = handoff
     sender = OutboxSender(
         settings, engine, owner=owner,
         retry_base=timedelta(seconds=settings.smtp.retry_first_seconds),
         retry_most=timedelta(seconds=settings.smtp.retry_most_seconds),
         on_give_up=pipeline.notices.mail_given_up, compose_ahead=True,
-        keep_connection=True,
+        keep_connection=True, handoff=handoff,
     )
     tasks = [
         asyncio.create_task(sender.run(stop, queued), name="send"),

@@ -40,6 +40,7 @@ from maildesk.mail.message import (
 )
 from maildesk.mail.spool import discard_spooled
 from maildesk.mail.worker import WorkerStopped
+from maildesk.outbound.handoff import SendHandoff
 from maildesk.outbound.notify import silenced
 from maildesk.store import database
 from maildesk.store.files import read_raw
@@ -171,6 +172,9 @@ class IntakeRunner:
         self.on_filed: Callable[[], object] = on_filed or (lambda: None)
         # Claims that a lost database kept us from giving back; retried at the next round.
         self._unreleased: list[int] = []
+        # This instance's sender, when it is idle, gets the batch's mail claimed for it by the
+        # batch's transaction (outbound/handoff.py); set by the daemon.
+        self.handoff: SendHandoff | None = None
 
     def process(self, raw: bytes, delivery: Delivery) -> Outcome:
         """Store and file one mail now (the CLI and the tests): its outcome, once committed."""
@@ -297,7 +301,11 @@ class IntakeRunner:
         """File the prepared mails and quarantine the poison, all in one transaction."""
         ids = [p.inbound_id for p in prepared] + [c.id for c in poison]
         outcomes: list[tuple[_Prepared, Outcome]] = []
-        with database.session_scope(self.engine) as session:
+        claiming = (
+            self.handoff.claiming() if self.handoff is not None and self.handoff.accepting()
+            else contextlib.nullcontext()
+        )  # fmt: skip
+        with claiming, database.session_scope(self.engine) as session:
             # Renewing our claims first is the compare-and-set on them, and it is the first
             # write: pysqlite opens its transaction only at a write, and a SAVEPOINT outside a
             # transaction would commit on its release.

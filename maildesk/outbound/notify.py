@@ -27,6 +27,7 @@ from maildesk.config import Settings
 from maildesk.mail.htmltext import clean_text
 from maildesk.mail.quotes import REPLY_ABOVE_MARKER, scrub_reply_addresses
 from maildesk.outbound.compose import Draft, DraftFile
+from maildesk.outbound.handoff import claim_for_sender
 from maildesk.rules.commands import valid_commands_help
 from maildesk.rules.limits import mailbox_key
 from maildesk.signing import (
@@ -400,6 +401,7 @@ class Notifier:
         # Never committed here: the caller's transaction decides for the mail and its cause.
         # Nor flushed: the next query or the commit writes it, with the mail's other rows.
         session.add(outbox)
+        claim_for_sender(outbox, session.get_bind())
         return outbox
 
 

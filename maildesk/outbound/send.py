@@ -48,6 +48,7 @@ from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.outbound.compose import outgoing_mail
 from maildesk.outbound.compose_worker import ComposeAhead, drop
+from maildesk.outbound.handoff import SendHandoff
 from maildesk.outbound.transport import (
     MaildirTransport,
     PermanentFailure,
@@ -141,6 +142,7 @@ class OutboxSender:
         on_give_up: GiveUpHook | None = None,
         compose_ahead: bool = False,
         keep_connection: bool = False,
+        handoff: SendHandoff | None = None,
     ) -> None:
         """Prepare a sender; `retry_base` is the first backoff, doubled at each retry."""
         self.settings = settings
@@ -165,6 +167,8 @@ class OutboxSender:
         # With `keep_connection`, the SMTP connection outlives its batch, for the next one.
         self.keep_connection = keep_connection
         self._kept: tuple[SmtpTransport, float] | None = None
+        # Rows claimed for us by the transaction that queued them, while we were idle.
+        self.handoff = handoff
 
     def _now(self) -> datetime:
         return self.clock() if self.clock is not None else utcnow()
@@ -195,10 +199,13 @@ class OutboxSender:
         """At start-up: make this sender's unfinished claims due at once."""
         return self.queue.take_back()
 
+    # What sending a claimed row needs of it, besides its id, attempts and last error.
+    _COLUMNS = (_ROW.kind, _ROW.message_id, _ROW.mail_from, _ROW.recipients, _ROW.raw,
+                _ROW.draft, _ROW.deferrals, _ROW.created_at, _ROW.ticket_id)
+
     def _claim(self, size: int, skip: list[int]) -> list[Any]:
         """Lease up to `size` of the oldest due rows not in `skip`."""
-        columns = [_ROW.kind, _ROW.message_id, _ROW.mail_from, _ROW.recipients, _ROW.raw,
-                   _ROW.draft, _ROW.deferrals, _ROW.created_at, _ROW.ticket_id]
+        columns = list(self._COLUMNS)
         # A row claimed before without an outcome is a suspect (its sender died with it, or
         # with another row of its claim): suspects go alone, so that a crash counts against
         # the one row on the wire, never against the whole claim.
@@ -209,6 +216,27 @@ class OutboxSender:
         rows = [claim.row for claim in claims]
         self._withheld = self._us_restricted(rows)
         return rows
+
+    def _handed_over(self) -> list[Any]:
+        """The rows claimed for us by the transactions that queued them (see handoff.py),
+        those we still hold with at least half a lease left; any other we held goes back."""
+        ids = self.handoff.take() if self.handoff is not None else []
+        if not ids:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(_ROW.id, _ROW.attempts, _ROW.last_error, *self._COLUMNS)
+                .where(_ROW.id.in_(ids), _ROW.claimed_by == self.queue.owner,
+                       _ROW.status == "sending",
+                       _ROW.lease_until > self.queue._at(self.lease / 2))
+                .order_by(_ROW.id)
+            ).all()  # fmt: skip
+        if len(rows) < len(ids):
+            # Handed over too late (the sender was busy for half a lease): a fresh claim
+            # takes them now rather than when the lease runs out.
+            self.queue.release(sorted(set(ids) - {row.id for row in rows}), uncount=True)
+        self._withheld = self._us_restricted(list(rows))
+        return list(rows)
 
     def _us_restricted(self, rows: list[Any]) -> set[int]:
         """The claimed rows that would carry a ticket's content to a US agent whose company
@@ -289,7 +317,11 @@ class OutboxSender:
         tried: list[int] = []
         transport = self._kept_transport()
         try:
-            while len(tried) < limit:
+            handed = self._handed_over()
+            tried.extend(row.id for row in handed)
+            # True when the server is unreachable: then no claim is worth making now.
+            stopped = bool(handed) and self._send_claims(transport, handed, counts)
+            while not stopped and len(tried) < limit:
                 size = min(self.claim_size, limit - len(tried))
                 rows = self._claim(size, tried)
                 tried.extend(row.id for row in rows)
@@ -526,7 +558,13 @@ class OutboxSender:
                 # A database outage must not end the stage: log it and try again later.
                 log.exception("send batch failed")
                 delay = self.poll_seconds
-            await _wait_any([stop] if wake is None else [stop, wake], delay)
+            if self.handoff is not None:
+                self.handoff.set_idle(True)
+            try:
+                await _wait_any([stop] if wake is None else [stop, wake], delay)
+            finally:
+                if self.handoff is not None:
+                    self.handoff.set_idle(False)
 
 
 async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:

@@ -31,7 +31,7 @@ Clock = Callable[[], datetime]
 
 
 def database_time(
-    engine: sa.Engine, offset: timedelta = timedelta(0), clock: Clock | None = None
+    engine: sa.Engine | sa.Connection, offset: timedelta = timedelta(0), clock: Clock | None = None
 ) -> sa.ColumnElement[Any]:
     """The database's clock plus `offset`, as a SQL expression (or `clock`'s time, in tests)."""
     if clock is not None:
