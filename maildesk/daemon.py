@@ -32,7 +32,7 @@ from maildesk.ops import sdnotify
 from maildesk.ops.messages import TRUST_WARNING
 from maildesk.outbound.handoff import SendHandoff
 from maildesk.outbound.send import LEASE as SEND_LEASE
-from maildesk.outbound.send import OutboxSender
+from maildesk.outbound.send import OUTBOX_QUEUE, OutboxSender
 from maildesk.pipeline import Pipeline
 from maildesk.privacy.retention import run_daily
 from maildesk.store import database
@@ -59,10 +59,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> bool:
     stored, queued, filed = asyncio.Event(), asyncio.Event(), asyncio.Event()
     pipeline = Pipeline(settings, engine, on_commit=waker(queued), parse_in_worker=True)
     pipeline.runner.on_filed = waker(filed)
-    intake = IntakeStore(engine, settings.desk.state_dir, on_stored=waker(stored))
+    intake = IntakeStore(engine, settings.desk.state_dir, on_stored=waker(stored),
+                         handoff=pipeline.runner.handoff)  # fmt: skip
     owner = pipeline.runner.worker.owner
-    handoff = SendHandoff(owner, SEND_LEASE)
-    pipeline.runner.handoff = handoff
+    handoff = SendHandoff(OUTBOX_QUEUE, owner, SEND_LEASE)
+    pipeline.runner.send_handoff = handoff
     sender = OutboxSender(
         settings, engine, owner=owner,
         retry_base=timedelta(seconds=settings.smtp.retry_first_seconds),

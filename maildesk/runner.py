@@ -44,9 +44,9 @@ from maildesk.outbound.handoff import SendHandoff
 from maildesk.outbound.notify import silenced
 from maildesk.store import database
 from maildesk.store.files import read_raw
-from maildesk.store.intake import INTAKE_QUEUE, Arrival, store_arrivals
+from maildesk.store.intake import INTAKE_QUEUE, Arrival, IntakeHandoff, store_arrivals
 from maildesk.store.models import RECEIVED, InboundMail, utcnow
-from maildesk.store.queue import Clock, QueueWorker
+from maildesk.store.queue import Claim, Clock, QueueWorker
 
 log = get_logger("runner")
 
@@ -174,7 +174,13 @@ class IntakeRunner:
         self._unreleased: list[int] = []
         # This instance's sender, when it is idle, gets the batch's mail claimed for it by the
         # batch's transaction (outbound/handoff.py); set by the daemon.
-        self.handoff: SendHandoff | None = None
+        self.send_handoff: SendHandoff | None = None
+        # Mail stored while we idle comes claimed for us (store/handoff.py), when the intake
+        # store is given this hand-over (the daemon does): no claim of our own to wait for.
+        self.handoff = IntakeHandoff(
+            INTAKE_QUEUE, self.worker.owner, lease, max_items=self.batch_size,
+            max_weight=batch_bytes,
+        )  # fmt: skip
 
     def process(self, raw: bytes, delivery: Delivery) -> Outcome:
         """Store and file one mail now (the CLI and the tests): its outcome, once committed."""
@@ -215,11 +221,17 @@ class IntakeRunner:
         # it, or of any other mail of its batch. Suspects are filed alone, so that each later
         # crash counts against the one mail that caused it, and good mails are not poisoned
         # by a neighbour (nor by a SIGKILL that fell in the middle of their batch).
-        claims = self.worker.claim(
-            limit or self.batch_size, columns,
-            where=_INBOUND.id.in_(list(only)) if only else None, alone=_INBOUND.attempts > 0,
-            weight=_INBOUND.size, budget=self.batch_bytes,
-        )  # fmt: skip
+        handed = self.handoff.take() if only is None else []
+        if handed:
+            claims = [Claim(mail, poison=False) for mail in handed]
+            # Handed over to an idle runner: nothing else was waiting when it went idle.
+            self.worker.last_picked = 0
+        else:
+            claims = self.worker.claim(
+                limit or self.batch_size, columns,
+                where=_INBOUND.id.in_(list(only)) if only else None, alone=_INBOUND.attempts > 0,
+                weight=_INBOUND.size, budget=self.batch_bytes,
+            )  # fmt: skip
         if not claims:
             return 0
         poison = [c for c in claims if c.poison]
@@ -301,9 +313,9 @@ class IntakeRunner:
         """File the prepared mails and quarantine the poison, all in one transaction."""
         ids = [p.inbound_id for p in prepared] + [c.id for c in poison]
         outcomes: list[tuple[_Prepared, Outcome]] = []
+        send = self.send_handoff
         claiming = (
-            self.handoff.claiming() if self.handoff is not None and self.handoff.accepting()
-            else contextlib.nullcontext()
+            send.claiming() if send is not None and send.accepting() else contextlib.nullcontext()
         )  # fmt: skip
         with claiming, database.session_scope(self.engine) as session:
             # Renewing our claims first is the compare-and-set on them, and it is the first
@@ -432,7 +444,11 @@ class IntakeRunner:
                 more = -1
             if more > 0:
                 continue
-            await _wait_any([stop, wake], POLL_SECONDS if more == 0 else 1.0)
+            self.handoff.set_idle(True)
+            try:
+                await _wait_any([stop, wake], POLL_SECONDS if more == 0 else 1.0)
+            finally:
+                self.handoff.set_idle(False)
 
 
 async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:

@@ -18,7 +18,7 @@ from maildesk.mail.message import Delivery, MalformedMail, Outcome, ParsedMail
 from maildesk.pipeline import Pipeline
 from maildesk.runner import IntakeRunner
 from maildesk.store.files import ATTACHMENTS_DIR, SPOOL_DIR, content_path
-from maildesk.store.intake import INTAKE_QUEUE, Arrival, store_arrivals
+from maildesk.store.intake import INTAKE_QUEUE, Arrival, IntakeStore, store_arrivals
 from maildesk.store.models import Attachment, InboundMail, Outbox, Ticket, utcnow
 from maildesk.store.queue import QueueWorker
 
@@ -227,3 +227,85 @@ def test_a_large_attachment_goes_from_the_parse_child_to_the_store_and_the_spool
     assert content_path(state_dir, ATTACHMENTS_DIR, row.sha256).read_bytes() == pdf
     # The customer's file moved into the store; the stranger's, quarantined, was removed.
     assert list((state_dir / SPOOL_DIR).iterdir()) == []
+
+
+def hand_over(pipeline: Pipeline, runner: IntakeRunner, *subjects: str) -> list[int]:
+    """Store mails through an intake store that hands them to `runner`, as the daemon's does."""
+    intake = IntakeStore(pipeline.engine, pipeline.settings.desk.state_dir,
+                         handoff=runner.handoff)  # fmt: skip
+    arrivals = [Arrival(customer_mail(subject=s).as_bytes(), SMTP) for s in subjects]
+    return [a.inbound_id for a in intake.store(arrivals)]
+
+
+def test_mail_stored_while_the_runner_idles_is_handed_over_claimed(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    """Stored claimed for the idle runner, filed from the hand-over with no claim of its own."""
+    runner = IntakeRunner(pipeline, owner="test")
+    runner.handoff.set_idle(True)
+    ids = hand_over(pipeline, runner, "one", "two")
+    row = inbound(engine, ids[0])
+    assert (row.outcome, row.claimed_by, row.attempts) == ("received", "test", 1)
+    # Held by that claim: an ordinary claim, even the runner's own, passes them by.
+    plain = IntakeRunner(pipeline, owner="test")
+    assert plain.file_batch() == 0
+    runner.handoff.set_idle(False)
+    assert runner.file_batch() == 2
+    for row_id in ids:
+        row = inbound(engine, row_id)
+        assert (row.outcome, row.attempts, row.claimed_by) == ("ticket", 1, None)
+    assert count(engine, Ticket) == 2
+    assert runner.file_batch() == 0
+
+
+def test_mail_stored_while_the_runner_works_waits_for_its_claim(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    """A busy runner is handed nothing: the mail is stored unclaimed, and claimed as usual."""
+    runner = IntakeRunner(pipeline, owner="test")
+    [row_id] = hand_over(pipeline, runner, "one")
+    row = inbound(engine, row_id)
+    assert (row.claimed_by, row.attempts) == (None, 0)
+    assert runner.handoff.take() == []
+    assert runner.file_batch() == 1
+    assert inbound(engine, row_id).outcome == "ticket"
+
+
+def test_a_batch_larger_than_one_claim_is_not_handed_over(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    """More mails than one claim takes are stored unclaimed, for the runner's bounded claims."""
+    runner = IntakeRunner(pipeline, owner="test", batch_size=2)
+    runner.handoff.set_idle(True)
+    ids = hand_over(pipeline, runner, "one", "two", "three")
+    assert [inbound(engine, i).claimed_by for i in ids] == [None, None, None]
+    assert runner.handoff.take() == []
+
+
+def test_a_duplicate_is_not_handed_over(pipeline: Pipeline, engine: sa.Engine) -> None:
+    """Bytes stored before are that earlier row's: nothing new to claim or hand over."""
+    runner = IntakeRunner(pipeline, owner="test")
+    raw = customer_mail(subject="twice").as_bytes()
+    store_arrivals(engine, pipeline.settings.desk.state_dir, [Arrival(raw, SMTP)])
+    runner.handoff.set_idle(True)
+    intake = IntakeStore(engine, pipeline.settings.desk.state_dir, handoff=runner.handoff)
+    [accepted] = intake.store([Arrival(raw, SMTP)])
+    assert accepted.duplicate
+    assert runner.handoff.take() == []
+
+
+def test_a_crash_after_the_hand_over_files_the_mail_once_after_restart(
+    pipeline: Pipeline, engine: sa.Engine
+) -> None:
+    """The hand-over dies with the process; the restarted runner takes its claims back."""
+    dead = IntakeRunner(pipeline, owner="test")
+    dead.handoff.set_idle(True)
+    ids = hand_over(pipeline, dead, "one", "two")
+    restarted = IntakeRunner(pipeline, owner="test")
+    assert restarted.worker.take_back() == 2
+    # Their attempt stays counted, so each is a suspect and filed alone.
+    assert restarted.file_batch() == 1
+    assert restarted.file_batch() == 1
+    assert restarted.file_batch() == 0
+    assert [inbound(engine, i).outcome for i in ids] == ["ticket", "ticket"]
+    assert count(engine, Ticket) == 2

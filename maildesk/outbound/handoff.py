@@ -1,57 +1,26 @@
 """Hand freshly queued mail to this instance's idle sender without a claim of its own.
 
-Normally the sender finds queued mail by claiming it (store/queue.py): a write transaction of
-its own, a few milliseconds after the one that queued the mail, which a customer waiting for
-an acknowledgement pays for. When the sender is idle, the transaction that queues a mail can
-claim it for the sender instead, as the sender's claim would (its name, a lease on the
-database's clock, the attempt counted), and once that transaction has committed the new rows'
-ids are handed over in memory. The sender reads them back under the same condition as any
-claimed row, that it still holds them; a crash between the two leaves ordinary claims behind,
-which the restarted sender takes back like any other.
-
-Only when the sender is idle: under a backlog it claims by itself, in batches.
+The mail the sender is handed is queued deep inside a mail's filing (notify.py), so the filing
+transaction says that it claims for the sender by a context variable rather than an argument:
+within `SendHandoff.claiming()`, every Outbox row that notify queues is claimed for the sender
+(store/handoff.py), and the ids of those that committed are handed over at the block's end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import threading
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
-from maildesk.store.queue import database_time
+from maildesk.store.handoff import Handoff
 
 
-class SendHandoff:
-    """Rows claimed for this instance's sender by the transaction that queued them."""
-
-    def __init__(self, owner: str, lease: timedelta) -> None:
-        """Claim in the name of `owner` (the sender's) for `lease` (the sender's lease)."""
-        self.owner = owner
-        self.lease = lease
-        self._lock = threading.Lock()
-        self._ready: list[int] = []
-        self._idle = False
-
-    def set_idle(self, idle: bool) -> None:
-        """The sender says whether it is waiting for mail (True) or at work (False)."""
-        with self._lock:
-            self._idle = idle
-
-    def accepting(self) -> bool:
-        """Whether a transaction about to queue mail should claim it for the sender."""
-        with self._lock:
-            return self._idle and not self._ready
-
-    def take(self) -> list[int]:
-        """The ids handed over since the last call, oldest first (the sender's side)."""
-        with self._lock:
-            ids, self._ready = self._ready, []
-        return ids
+class SendHandoff(Handoff[int]):
+    """Outbox rows (their ids) claimed for this instance's sender by the transaction that
+    queued them; built on send.OUTBOX_QUEUE, the sender's owner name and its lease."""
 
     @contextlib.contextmanager
     def claiming(self) -> Iterator[None]:
@@ -64,10 +33,7 @@ class SendHandoff:
         finally:
             _CLAIMING.reset(token)
         # Reached only without an exception: a transaction that failed queued nothing.
-        ids = batch.committed_ids()
-        if ids:
-            with self._lock:
-                self._ready.extend(ids)
+        self.hand(batch.committed_ids())
 
 
 class _Batch:
@@ -96,9 +62,5 @@ def claim_for_sender(row: Any, bind: sa.Engine | sa.Connection) -> None:
     batch = _CLAIMING.get()
     if batch is None:
         return
-    handoff = batch.handoff
-    row.status = "sending"
-    row.claimed_by = handoff.owner
-    row.attempts = 1
-    row.lease_until = database_time(bind, handoff.lease)
+    batch.handoff.claim(row, bind)
     batch.rows.append(row)

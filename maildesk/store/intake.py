@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -19,6 +20,7 @@ from sqlmodel import Session, col, select
 
 from maildesk.mail.message import Delivery, StoreUnavailable
 from maildesk.store.files import RAW_DIR, RawWriter, content_path, sha256_hex, write_once
+from maildesk.store.handoff import Handoff
 from maildesk.store.models import RECEIVED, InboundMail
 from maildesk.store.queue import Queue
 
@@ -55,6 +57,39 @@ class Accepted:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class HandedMail:
+    """A mail stored already claimed for this instance's runner (store/handoff.py): the row's
+    columns that the runner's own claim would have read."""
+
+    id: int
+    attempts: int
+    last_error: str | None
+    raw_path: str
+    source: str
+    mailbox: str | None
+    uidvalidity: int | None
+    uid: int | None
+    envelope_from: str | None
+    recipients: str | None
+    oversize: int | None
+    received_at: datetime
+    size: int
+
+
+IntakeHandoff = Handoff[HandedMail]
+
+
+def _handed(row: InboundMail) -> HandedMail:
+    assert row.id is not None
+    return HandedMail(
+        id=row.id, attempts=row.attempts, last_error=row.last_error, raw_path=row.raw_path,
+        source=row.source, mailbox=row.mailbox, uidvalidity=row.uidvalidity, uid=row.uid,
+        envelope_from=row.envelope_from, recipients=row.recipients, oversize=row.oversize,
+        received_at=row.received_at, size=row.size,
+    )  # fmt: skip
+
+
 def _write_raw(state_dir: Path, raw: bytes) -> tuple[str, str]:
     digest = sha256_hex(raw)
     path = content_path(state_dir, RAW_DIR, digest)
@@ -81,27 +116,37 @@ def _row(arrival: Arrival, digest: str, raw_path: str) -> InboundMail:
 
 
 def store_arrivals(
-    engine: sa.Engine, state_dir: Path, arrivals: Sequence[Arrival]
-) -> list[Accepted]:
+    engine: sa.Engine, state_dir: Path, arrivals: Sequence[Arrival],
+    handoff: IntakeHandoff | None = None,
+) -> list[Accepted]:  # fmt: skip
     """Make a batch of mails durable in one transaction; one Accepted per arrival, in order.
 
-    Raises the database's error when the batch could not be stored: then none of it was.
+    With `handoff`, while the runner idles, the new rows are stored claimed for it and handed
+    over once committed. Raises the database's error when the batch could not be stored: then
+    none of it was.
     """
     files = [
         arrival.kept[:2] if arrival.kept is not None else _write_raw(state_dir, arrival.raw)
         for arrival in arrivals
     ]
+    # The fetcher and the listener store in threads of their own: both may find the runner
+    # accepting at once, and then it is handed two batches together, at most twice a claim.
+    if handoff is not None and not handoff.accepting(
+        len(arrivals), sum(arrival.size for arrival in arrivals)
+    ):
+        handoff = None
     try:
-        return _insert(engine, arrivals, files)
+        return _insert(engine, arrivals, files, handoff)
     except sa.exc.IntegrityError:
         # Another instance stored some of the same bytes since our look-up; the second pass
         # finds them and takes them as duplicates.
-        return _insert(engine, arrivals, files)
+        return _insert(engine, arrivals, files, handoff)
 
 
 def _insert(
-    engine: sa.Engine, arrivals: Sequence[Arrival], files: list[tuple[str, str]]
-) -> list[Accepted]:
+    engine: sa.Engine, arrivals: Sequence[Arrival], files: list[tuple[str, str]],
+    handoff: IntakeHandoff | None,
+) -> list[Accepted]:  # fmt: skip
     digests = sorted({digest for digest, _ in files})
     with Session(engine, expire_on_commit=False) as session:
         earlier: dict[str, InboundMail] = {}
@@ -117,6 +162,8 @@ def _insert(
                 session.add(earlier[digest])
             elif digest not in fresh:
                 fresh[digest] = _row(arrival, digest, raw_path)
+                if handoff is not None:
+                    handoff.claim(fresh[digest], engine)
                 session.add(fresh[digest])
         session.flush()
         accepted = [
@@ -125,6 +172,8 @@ def _insert(
             for digest, _ in files
         ]
         session.commit()
+    if handoff is not None:
+        handoff.hand(sorted((_handed(row) for row in fresh.values()), key=lambda m: m.id))
     # Within a batch, the second copy of the same bytes is a duplicate of the first.
     seen: set[int] = set()
     result = []
@@ -185,17 +234,20 @@ class IntakeStore:
     """The store's side of intake, as the fetcher and the listener call it (blocking)."""
 
     def __init__(
-        self, engine: sa.Engine, state_dir: Path, *, on_stored: Callable[[], object] | None = None
-    ) -> None:
-        """Store into `engine` and `state_dir`; `on_stored` wakes the runner after each commit."""
+        self, engine: sa.Engine, state_dir: Path, *,
+        on_stored: Callable[[], object] | None = None, handoff: IntakeHandoff | None = None,
+    ) -> None:  # fmt: skip
+        """Store into `engine` and `state_dir`; `on_stored` wakes the runner after each commit,
+        to which `handoff` hands what it stored while the runner idled (the runner's own)."""
         self.engine = engine
         self.state_dir = state_dir
         self.on_stored: Callable[[], object] = on_stored or (lambda: None)
+        self.handoff = handoff
 
     def store(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
         """Make a batch durable (StoreUnavailable when the database or the disk refused)."""
         try:
-            accepted = store_arrivals(self.engine, self.state_dir, arrivals)
+            accepted = store_arrivals(self.engine, self.state_dir, arrivals, self.handoff)
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError,
                 OSError) as exc:  # fmt: skip
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -16,7 +16,7 @@ from rig.smtp import RecordingSMTPServer
 
 from maildesk.config import DeskSettings, Settings, SmtpSettings
 from maildesk.outbound.handoff import SendHandoff, claim_for_sender
-from maildesk.outbound.send import LEASE, OutboxSender, SendReport
+from maildesk.outbound.send import LEASE, OUTBOX_QUEUE, OutboxSender, SendReport
 from maildesk.store.database import session_scope
 from maildesk.store.models import Outbox
 
@@ -67,7 +67,7 @@ def fetch(engine: sa.Engine, row_id: int) -> Outbox:
 
 def idle_handoff() -> SendHandoff:
     """A hand-over whose sender is waiting for mail."""
-    handoff = SendHandoff(OWNER, LEASE)
+    handoff = SendHandoff(OUTBOX_QUEUE, OWNER, LEASE)
     handoff.set_idle(True)
     return handoff
 
@@ -94,14 +94,6 @@ def test_handed_rows_are_sent_without_a_claim_of_their_own(
         assert (row.status, row.attempts, row.claimed_by) == ("sent", 1, None)
     assert handoff.take() == []
     assert sender.send_batch() == SendReport()
-
-
-def test_only_an_idle_sender_without_rows_waiting_accepts() -> None:
-    """A busy sender claims by itself, in batches; one idle with rows waiting has enough."""
-    handoff = SendHandoff(OWNER, LEASE)
-    assert not handoff.accepting()
-    handoff.set_idle(True)
-    assert handoff.accepting()
 
 
 def test_a_sender_with_rows_waiting_accepts_no_more(engine: sa.Engine) -> None:
@@ -185,7 +177,7 @@ def test_a_crash_between_commit_and_send_sends_once_after_restart(
     other = OutboxSender(settings_for(tmp_path, smtp_server), engine, owner="host-b:1")
     assert other.send_batch() == SendReport()
     restarted = OutboxSender(settings_for(tmp_path, smtp_server), engine, owner=OWNER,
-                             handoff=SendHandoff(OWNER, LEASE))  # fmt: skip
+                             handoff=SendHandoff(OUTBOX_QUEUE, OWNER, LEASE))  # fmt: skip
     assert restarted.take_back() == 3
     assert restarted.send_batch() == SendReport(sent=3)
     assert len({m.message["Message-ID"] for m in smtp_server.mails}) == 3
