@@ -300,6 +300,11 @@ class Notifier:
         attachments = [{"name": row.filename, "inline": row.inline} for row in files]
         # The agent's copy shows whom the ticket is assigned to, and how to work it by mail.
         assignee = session.get(Agent, ticket.assignee_id) if ticket.assignee_id else None
+        # Every agent's copy joins the same thread, which ends at the customer's message (the
+        # copies, newer than it, are never part of it): read once for all of them.
+        thread = None
+        if agents and ticket.id is not None:
+            thread = _thread(session, ticket.id, message.message_id)
         sent = []
         for agent in agents:
             locale = self._agent_locale(agent)
@@ -312,6 +317,7 @@ class Notifier:
                 session, kind, rendered, locale, _to(agent.name, agent.email),
                 ticket=ticket, parent=message, auto="auto-generated", files=files,
                 principal=principal_of_agent(agent.id),  # type: ignore[arg-type]
+                thread=thread,
             ))
             # The access log: who received this ticket's content, when, from which region.
             if not SILENCED.get():
@@ -349,6 +355,7 @@ class Notifier:
         ticket: Ticket | None, parent: Message | None, auto: str | None = None,
         sender: Address | None = None, files: Sequence[Attachment] = (),
         principal: str | None = None, automatic: bool = False,
+        thread: tuple[str | None, list[str]] | None = None,
     ) -> Outbox:
         if SILENCED.get():
             # An archive import files past mail: nobody hears of it now, and the row is kept
@@ -373,7 +380,7 @@ class Notifier:
             if ticket.id is None:
                 raise ValueError("the ticket has no id yet: flush it before notifying")
             parent_id = parent.message_id if parent is not None else None
-            in_reply_to, references = _thread(session, ticket.id, parent_id)
+            in_reply_to, references = thread or _thread(session, ticket.id, parent_id)
             if principal is not None:
                 signed = reply_address(
                     self.reply_keys, desk.address, ticket.id, principal, ticket.reply_epoch
