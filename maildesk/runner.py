@@ -7,6 +7,9 @@ alone, and the others commit together. Its failure is counted on its row; at the
 its filing killed the process three times, it is quarantined with a summary of the error, and the
 mails behind it go on.
 
+Mail stored while the runner idles needs no claim: intake stores it claimed in the runner's
+name and hands it over after its commit (store/handoff.py), and the runner files it at once.
+
 The runner's error boundary is GNU Mailman's "shunt": a bug on one mail must not stop the desk.
 """
 

@@ -5,7 +5,10 @@ in one short transaction, marking them "sending" under its name with a lease on 
 clock; only then does it talk to the server, one row after the other over one connection, and it
 records the outcomes a group at a time (every RECORD_ROWS rows or RECORD_SECONDS, whichever comes
 first, and at the end of the claim). Claimed rows it did not try (the server is unreachable, or
-the claim has used half its lease) are given back as they were.
+the claim has used half its lease) are given back as they were. While the sender idles, the
+transaction that queues mail claims it for the sender and hands it over after its commit
+(outbound/handoff.py): the first mails after a quiet spell, acknowledgements mostly, go out
+without a claim transaction of their own.
 
 A mail is given up on by time, never by a count: a relay that is down, slow or refusing our
 password for hours costs nothing but retries, 1 minute doubling to 1 hour with jitter, until the
