@@ -51,7 +51,7 @@ from maildesk.config import Settings
 from maildesk.logs import get_logger
 from maildesk.outbound.compose import outgoing_mail
 from maildesk.outbound.compose_worker import ComposeAhead, drop
-from maildesk.outbound.handoff import SendHandoff
+from maildesk.outbound.handoff import HandedOutbox, SendHandoff
 from maildesk.outbound.transport import (
     MaildirTransport,
     PermanentFailure,
@@ -216,30 +216,26 @@ class OutboxSender:
             size, columns, where=_ROW.id.not_in(skip) if skip else None,
             alone=_ROW.attempts > _ROW.deferrals,
         )  # fmt: skip
-        rows = [claim.row for claim in claims]
-        self._withheld = self._us_restricted(rows)
-        return rows
+        return [claim.row for claim in claims]
 
-    def _handed_over(self) -> list[Any]:
-        """The rows claimed for us by the transactions that queued them (see handoff.py),
-        those we still hold with at least half a lease left; any other we held goes back."""
-        ids = self.handoff.take() if self.handoff is not None else []
-        if not ids:
-            return []
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(_ROW.id, _ROW.attempts, _ROW.last_error, *self._COLUMNS)
-                .where(_ROW.id.in_(ids), _ROW.claimed_by == self.queue.owner,
-                       _ROW.status == "sending",
-                       _ROW.lease_until > self.queue._at(self.lease / 2))
-                .order_by(_ROW.id)
-            ).all()  # fmt: skip
-        if len(rows) < len(ids):
+    def _handed_over(self) -> tuple[list[HandedOutbox], float]:
+        """The rows claimed for us by the transactions that queued them (see handoff.py) with
+        at least half their lease left, and when the oldest was claimed (time.monotonic());
+        the others go back, uncounted, to be claimed afresh."""
+        handoff = self.handoff
+        handed = handoff.take() if handoff is not None else []
+        if handoff is None or not handed:
+            return [], 0.0
+        now = handoff.monotonic()
+        half = handoff.lease.total_seconds() / 2
+        fresh = [row for row in handed if now - row.claimed_at < half]
+        late = [row.id for row in handed if now - row.claimed_at >= half]
+        if late:
             # Handed over too late (the sender was busy for half a lease): a fresh claim
             # takes them now rather than when the lease runs out.
-            self.queue.release(sorted(set(ids) - {row.id for row in rows}), uncount=True)
-        self._withheld = self._us_restricted(list(rows))
-        return list(rows)
+            self.queue.release(late, uncount=True)
+        oldest = min((row.claimed_at for row in fresh), default=now)
+        return fresh, time.monotonic() - (now - oldest)
 
     def _us_restricted(self, rows: list[Any]) -> set[int]:
         """The claimed rows that would carry a ticket's content to a US agent whose company
@@ -320,10 +316,10 @@ class OutboxSender:
         tried: list[int] = []
         transport = self._kept_transport()
         try:
-            handed = self._handed_over()
+            handed, handed_at = self._handed_over()
             tried.extend(row.id for row in handed)
             # True when the server is unreachable: then no claim is worth making now.
-            stopped = bool(handed) and self._send_claims(transport, handed, counts)
+            stopped = bool(handed) and self._send_claims(transport, handed, counts, handed_at)
             while not stopped and len(tried) < limit:
                 size = min(self.claim_size, limit - len(tried))
                 rows = self._claim(size, tried)
@@ -345,9 +341,10 @@ class OutboxSender:
 
     def _send_claims(
         self, transport: SmtpTransport | MaildirTransport, rows: list[Any],
-        counts: dict[str, int],
+        counts: dict[str, int], claimed_at: float | None = None,
     ) -> bool:  # fmt: skip
         """Send claimed rows and record their outcomes by groups; True means stop the batch.
+        `claimed_at` (time.monotonic()) is when the claim was made, if not just now.
 
         A crash here leaves the rows whose outcome was not yet committed "sending": they are
         sent (again, for those already sent) after a restart. Grouping bounds how many that can
@@ -357,7 +354,10 @@ class OutboxSender:
         self._ahead_ids = collections.deque()
         if self._ahead is not None and self._ahead.start_claim([row.draft for row in rows]):
             self._ahead_ids.extend(row.id for row in rows if row.draft is not None)
-        claimed_at = grouped_at = time.monotonic()
+        # Read while the child composes: the rule is checked on the database's facts of now.
+        self._withheld = self._us_restricted(rows)
+        grouped_at = time.monotonic()
+        claimed_at = grouped_at if claimed_at is None else claimed_at
         untried = 0  # Index of the first claim not yet handed to the transport.
         stop = False
         # Groups are recorded by a thread of their own while sending goes on: on SQLite a

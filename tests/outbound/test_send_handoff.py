@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -118,7 +118,7 @@ def test_a_rolled_back_savepoint_hands_nothing_over(engine: sa.Engine) -> None:
         claim_for_sender(dropped, session.get_bind())
         session.flush()
         savepoint.rollback()
-    assert handoff.take() == [kept.id]
+    assert [row.id for row in handoff.take()] == [kept.id]
     with session_scope(engine) as session:
         assert session.scalars(sa.select(Outbox.message_id)).all() == [kept.message_id]
 
@@ -150,15 +150,13 @@ def test_rows_queued_outside_claiming_stay_pending(engine: sa.Engine) -> None:
 def test_a_hand_over_taken_too_late_is_released_and_claimed_afresh(
     engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
 ) -> None:
-    """A row whose lease has less than half left is given back uncounted and claimed anew."""
-    handoff = idle_handoff()
+    """A row claimed more than half a lease ago is given back uncounted and claimed anew."""
+    clock = [1000.0]
+    handoff = SendHandoff(OUTBOX_QUEUE, OWNER, LEASE, monotonic=lambda: clock[0])
+    handoff.set_idle(True)
     [row_id] = queue_claimed(engine, handoff, 1)
-    # The sender was busy for most of the lease before it took the hand-over.
-    with engine.begin() as conn:
-        conn.execute(
-            sa.update(Outbox).where(Outbox.id == row_id)  # type: ignore[arg-type]
-            .values(lease_until=fetch(engine, row_id).lease_until - LEASE + timedelta(seconds=2))
-        )  # fmt: skip
+    # The sender was busy for more than half the lease before it took the hand-over.
+    clock[0] += LEASE.total_seconds() / 2 + 0.1
     sender = OutboxSender(settings_for(tmp_path, smtp_server), engine, owner=OWNER,
                           handoff=handoff)  # fmt: skip
     assert sender.send_batch() == SendReport(sent=1)
@@ -166,6 +164,30 @@ def test_a_hand_over_taken_too_late_is_released_and_claimed_afresh(
     # Released uncounted (back to 0) and counted again by the fresh claim.
     assert (row.status, row.attempts) == ("sent", 1)
     assert len(smtp_server.mails) == 1
+
+
+def test_the_sender_reads_no_handed_row_back(
+    engine: sa.Engine, smtp_server: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    """What the claim would read comes with the hand-over: the rows are sent as handed."""
+    handoff = idle_handoff()
+    [row_id] = queue_claimed(engine, handoff, 1)
+    statements: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    sender = OutboxSender(settings_for(tmp_path, smtp_server), engine, owner=OWNER,
+                          handoff=handoff)  # fmt: skip
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        assert sender.send_batch() == SendReport(sent=1)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+    first_record = next(i for i, st in enumerate(statements) if st.startswith("UPDATE outbox"))
+    # Before the outcome is recorded, only the US-transfer check's reads (and none of outbox).
+    assert not [st for st in statements[:first_record] if "FROM outbox" in st]
+    assert fetch(engine, row_id).status == "sent"
 
 
 def test_a_crash_between_commit_and_send_sends_once_after_restart(
