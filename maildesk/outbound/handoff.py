@@ -25,8 +25,9 @@ from maildesk.store.queue import Queue
 
 @dataclass(frozen=True)
 class HandedOutbox:
-    """An Outbox row claimed for the sender: the columns its claim reads, and when (on the
-    hand-over's monotonic clock) it was claimed, which is no later than its lease began."""
+    """An Outbox row claimed for the sender: the columns its claim reads (send.OutboxSender
+    ._claim), and when (on the hand-over's monotonic clock) it was claimed, which is no later
+    than its lease began."""
 
     id: int
     attempts: int

@@ -202,13 +202,12 @@ class OutboxSender:
         """At start-up: make this sender's unfinished claims due at once."""
         return self.queue.take_back()
 
-    # What sending a claimed row needs of it, besides its id, attempts and last error.
-    _COLUMNS = (_ROW.kind, _ROW.message_id, _ROW.mail_from, _ROW.recipients, _ROW.raw,
-                _ROW.draft, _ROW.deferrals, _ROW.created_at, _ROW.ticket_id)
-
     def _claim(self, size: int, skip: list[int]) -> list[Any]:
         """Lease up to `size` of the oldest due rows not in `skip`."""
-        columns = list(self._COLUMNS)
+        # What sending needs of a row besides its id, attempts and last error; a hand-over
+        # carries the same (handoff.HandedOutbox).
+        columns = [_ROW.kind, _ROW.message_id, _ROW.mail_from, _ROW.recipients, _ROW.raw,
+                   _ROW.draft, _ROW.deferrals, _ROW.created_at, _ROW.ticket_id]
         # A row claimed before without an outcome is a suspect (its sender died with it, or
         # with another row of its claim): suspects go alone, so that a crash counts against
         # the one row on the wire, never against the whole claim.
